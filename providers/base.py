@@ -108,11 +108,21 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A backend lease on dynamic material (Vault database credentials, PKI certificates)."""
+
+    lease_id: str = field(repr=False)
+    duration: float  # seconds from the fetch
+    renewable: bool
+
+
+@dataclass(frozen=True)
 class Fetched:
     """Bytes of one source and the version the backend reported for them."""
 
     data: bytes = field(repr=False)
     version: str
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +212,18 @@ class Provider(Protocol):
     def render(self, spec: FileSpec, value: Fetched) -> bytes:
         """The file's content from its source's value (applies ``spec.select``)."""
         ...
+
+
+class LeaseManager(Protocol):
+    """Optional extra of a provider whose dynamic sources carry leases (see :class:`Lease`).
+
+    The daemon renews a renewable lease while the volume that holds it is mounted and, when the
+    operator enables it, revokes it when the volume goes away. Both run in a worker thread.
+    """
+
+    def renew_sync(self, plan: Plan, identity: Identity, lease: Lease) -> Lease: ...
+
+    def revoke_sync(self, plan: Plan, identity: Identity, lease: Lease) -> None: ...
 
 
 # --- helpers shared by the provider modules -------------------------------------------------------
