@@ -1,0 +1,5 @@
+import sys
+
+from secretfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,329 @@
+"""The read-only FUSE filesystem: a thin translation from kernel requests to :class:`Volumes`.
+
+Consistency rules (see docs/INTERNALS.md for the why):
+
+- ``open`` binds a handle to the version the cache serves at that moment; ``read`` slices that
+  snapshot, so an open file sees one version from open to close.
+- The kernel page cache is used (``keep_cache``) when it can only hold the handle's own version:
+  the inode has no open handle of another version and the kernel was last told this version's
+  size. Otherwise the handle is opened ``direct_io``, which bypasses the page cache and the cached
+  file size, so handles of two versions never see each other's bytes.
+- When a value changes, the inode's kernel caches are invalidated from a worker thread
+  (``pyfuse3.invalidate_inode`` on the trio thread deadlocks against an in-flight READ).
+- Every write-ish request fails with EROFS. No handler lets anything but FUSEError escape: one
+  stray exception would end ``pyfuse3.main`` and leave every mount dead.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import traceback
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from providers.base import FetchError
+from secretfs.tree import ROOT_INODE, Node
+from secretfs.volumes import Rendered, Volumes
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("secretfs.audit")
+
+# The kernel may cache names and attributes this long; content changes are pushed to it by
+# invalidation, so this only bounds how long a stale size could survive a lost invalidation.
+ATTR_TIMEOUT = 60.0
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def guarded(fn: F) -> F:
+    """Turn any exception but FUSEError into EIO after logging it (type and frames only: an
+    exception message could quote data)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("%s failed with %s; answering EIO\n%s", fn.__name__, type(exc).__name__, frames)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def _erofs(*_: Any, **__: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+@dataclass
+class _InodeState:
+    """What the kernel may hold for one inode."""
+
+    open_versions: Counter[str] = field(default_factory=Counter)
+    open_sizes: dict[str, int] = field(default_factory=dict)
+    page_version: str | None = None  # version the page cache may hold
+    reported: str | None = None  # version whose size the kernel was told last (None: mixed)
+
+
+@dataclass
+class _Handle:
+    inode: int
+    content: Rendered
+
+
+class SecretFS(pyfuse3.Operations):
+    def __init__(self, volumes: Volumes, *, attr_timeout: float = ATTR_TIMEOUT) -> None:
+        super().__init__()
+        self.volumes = volumes
+        self.tree = volumes.tree
+        self.attr_timeout = attr_timeout
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._states: dict[int, _InodeState] = {}
+        self._nursery: trio.Nursery | None = None
+        self._inval_limiter = trio.CapacityLimiter(1)
+        volumes.on_inodes_changed.append(self.invalidate)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Kernel invalidations are sent from ``nursery`` (only once the filesystem is mounted)."""
+        self._nursery = nursery
+
+    # --- names and attributes -----------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = node.mode
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_blksize = 4096
+        mtime = node.mtime_ns
+        if node.is_dir:
+            a.st_nlink = 2
+            a.st_size = 0
+        else:
+            a.st_nlink = 1
+            a.st_size, mtime = self._size(node)
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = mtime
+        return a
+
+    def _size(self, node: Node) -> tuple[int, int]:
+        """Size to report and mtime: the current version's, but never less than what an open
+        handle of another version may still read (the kernel clips page-cache reads at it)."""
+        cur = self.volumes.peek(node.inode)
+        st = self._state(node.inode)
+        size = len(cur.data) if cur is not None else 0
+        versions = set(st.open_versions)
+        if cur is not None:
+            versions.discard(cur.version)
+        if versions:
+            size = max([size, *(st.open_sizes[v] for v in versions)])
+            st.reported = None
+        else:
+            st.reported = cur.version if cur is not None else None
+        mtime = cur.since_ns if cur is not None else node.mtime_ns
+        return size, mtime
+
+    def _state(self, inode: int) -> _InodeState:
+        st = self._states.get(inode)
+        if st is None:
+            st = self._states[inode] = _InodeState()
+        return st
+
+    @guarded
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.tree.lookup(parent_inode, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(node)
+
+    @guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    @guarded
+    async def forget(self, inode_list: Iterable[tuple[int, int]]) -> None:
+        # Inodes live as long as their volume; only our bookkeeping of kernel state goes.
+        for inode, _ in inode_list:
+            st = self._states.get(inode)
+            if st is not None and not st.open_versions:
+                del self._states[inode]
+
+    # --- directories --------------------------------------------------------------------------------
+
+    @guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if self.tree.get(fh) is None:
+            return
+        children = self.tree.children(fh)
+        for i in range(start_id, len(children)):
+            child = children[i]
+            if not pyfuse3.readdir_reply(token, child.name, self._attrs(child), i + 1):
+                break
+
+    @guarded
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # --- files --------------------------------------------------------------------------------------
+
+    @guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        try:
+            content = await self.volumes.content(inode)
+        except FetchError as exc:
+            log.warning("open %s/%s: %s", node.volume, node.spec and node.spec.path, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        st = self._state(inode)
+        others = any(v != content.version for v in st.open_versions)
+        fh = self._next_fh
+        self._next_fh += 1
+        if not others and st.reported == content.version:
+            fi = pyfuse3.FileInfo(fh=fh, keep_cache=st.page_version == content.version)
+            st.page_version = content.version
+        else:
+            fi = pyfuse3.FileInfo(fh=fh, direct_io=True)
+            if st.reported != content.version and not others:
+                self.invalidate({inode})
+        st.open_versions[content.version] += 1
+        st.open_sizes[content.version] = len(content.data)
+        self._handles[fh] = _Handle(inode, content)
+        if audit.isEnabledFor(logging.INFO):
+            audit.info(
+                "open volume=%s path=%s uid=%d gid=%d pid=%d version=%s",
+                node.volume,
+                node.spec.path if node.spec else "",
+                ctx.uid,
+                ctx.gid,
+                ctx.pid,
+                content.version,
+            )
+        return fi
+
+    @guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h.content.data[off : off + size]
+
+    @guarded
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        st = self._state(h.inode)
+        v = h.content.version
+        st.open_versions[v] -= 1
+        if st.open_versions[v] <= 0:
+            del st.open_versions[v]
+            st.open_sizes.pop(v, None)
+            cur = self.volumes.peek(h.inode) if self.tree.get(h.inode) else None
+            if cur is not None and cur.version != v:
+                # The last handle of an old version is gone: let the kernel re-read attributes
+                # so the next open can use the page cache again.
+                self.invalidate({h.inode})
+
+    @guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    @guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @guarded
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
+
+    # Everything that would change the filesystem.
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = guarded(_erofs)
+    write = create = setxattr = removexattr = guarded(_erofs)
+
+    # --- kernel cache invalidation ------------------------------------------------------------------
+
+    def invalidate(self, inodes: set[int]) -> None:
+        """Drop the kernel's cached attributes and pages of ``inodes`` (asynchronously)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._invalidate, tuple(inodes))
+
+    def forget_entry(self, parent: int, name: bytes) -> None:
+        """Tell the kernel a name is gone (a removed volume's directory)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._invalidate_entry, parent, name)
+
+    async def _invalidate(self, inodes: tuple[int, ...]) -> None:
+        await trio.to_thread.run_sync(_invalidate_sync, inodes, limiter=self._inval_limiter)
+
+    async def _invalidate_entry(self, parent: int, name: bytes) -> None:
+        await trio.to_thread.run_sync(
+            _invalidate_entry_sync, parent, name, limiter=self._inval_limiter
+        )
+
+
+def _invalidate_sync(inodes: tuple[int, ...]) -> None:
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError as exc:
+            # ENOENT: the kernel never saw this inode (or forgot it); nothing to drop.
+            if exc.errno != errno.ENOENT:
+                log.warning("invalidate inode %d: %s", ino, exc.strerror)
+        except Exception as exc:
+            log.warning("invalidate inode %d: %s", ino, type(exc).__name__)
+
+
+def _invalidate_entry_sync(parent: int, name: bytes) -> None:
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("invalidate entry: %s", exc.strerror)
+    except Exception as exc:
+        log.warning("invalidate entry: %s", type(exc).__name__)
+
+
+__all__ = ["ROOT_INODE", "SecretFS", "guarded"]

@@ -1,0 +1,57 @@
+"""Keep secret bytes off the disk: no core dumps, no ptrace-style peeking, no swap where allowed."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import resource
+
+log = logging.getLogger(__name__)
+
+PR_SET_DUMPABLE = 4
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+CAP_IPC_LOCK = 14
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _has_cap(cap: int) -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << cap))
+    except OSError:
+        pass
+    return False
+
+
+def harden(lock_memory: bool = True) -> dict[str, bool]:
+    """Apply what the process is allowed to; returns what took effect (for the log and tests)."""
+    done = {"core_dumps_off": False, "not_dumpable": False, "memory_locked": False}
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        done["core_dumps_off"] = True
+    except (OSError, ValueError) as exc:
+        log.warning("could not disable core dumps: %s", exc)
+    libc = _libc()
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+        done["not_dumpable"] = True
+    else:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())
+    if lock_memory:
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        # With MCL_FUTURE and a small RLIMIT_MEMLOCK, later allocations would fail outright, so
+        # lock only when the limit cannot bite.
+        if _has_cap(CAP_IPC_LOCK) or soft == resource.RLIM_INFINITY:
+            if libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
+                done["memory_locked"] = True
+            else:
+                log.warning("mlockall failed: errno %d; memory may be swapped", ctypes.get_errno())
+        else:
+            log.info("memory not locked: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is limited")
+    return done

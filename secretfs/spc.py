@@ -1,0 +1,112 @@
+"""SecretProviderClass documents: read them as Kubernetes would, and plan their volumes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from providers import UnknownProvider, get_provider
+from providers.base import DEFAULT_MODE, ParameterError, Plan, Problem
+
+GROUP = "secrets-store.csi.x-k8s.io"
+API_VERSIONS = (f"{GROUP}/v1", f"{GROUP}/v1alpha1")
+KIND = "SecretProviderClass"
+
+
+class SpcError(ValueError):
+    """The document is not a usable SecretProviderClass; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class SecretProviderClass:
+    name: str
+    namespace: str | None
+    provider: str
+    parameters: Mapping[str, str]
+
+
+def from_object(obj: Any, source: str = "document") -> SecretProviderClass:
+    """Validate a decoded SecretProviderClass object (from a file or the Kubernetes API)."""
+    if not isinstance(obj, dict):
+        raise SpcError(f"{source}: expected a YAML mapping (a SecretProviderClass object)")
+    problems: list[str] = []
+    api_version = obj.get("apiVersion")
+    if api_version not in API_VERSIONS:
+        problems.append(f"apiVersion is {api_version!r}; expected {API_VERSIONS[0]}")
+    if obj.get("kind") != KIND:
+        problems.append(f"kind is {obj.get('kind')!r}; expected {KIND}")
+    meta = obj.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, dict) else None
+    namespace = meta.get("namespace") if isinstance(meta, dict) else None
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        problems.append("spec is missing or not a mapping")
+        spec = {}
+    provider = spec.get("provider")
+    if not isinstance(provider, str) or not provider:
+        problems.append("spec.provider is required (aws, azure, gcp or vault)")
+    params = spec.get("parameters")
+    parameters: dict[str, str] = {}
+    if not isinstance(params, dict) or not params:
+        problems.append("spec.parameters is required and must not be empty")
+    else:
+        for key, value in params.items():
+            if not isinstance(value, str):
+                # Kubernetes itself rejects non-string values here (map[string]string).
+                problems.append(
+                    f"spec.parameters.{key} must be a string; quote the value in the YAML"
+                )
+            else:
+                parameters[str(key)] = value
+    if problems:
+        raise SpcError(f"{source}: " + "; ".join(problems))
+    assert isinstance(provider, str)
+    return SecretProviderClass(
+        name=str(name or ""),
+        namespace=str(namespace) if namespace else None,
+        provider=provider,
+        parameters=parameters,
+    )
+
+
+def load(path: str | Path) -> SecretProviderClass:
+    """Read the first SecretProviderClass in a YAML file (other documents are skipped)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpcError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise SpcError(f"{p}: not valid YAML: {exc}") from None
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == KIND:
+            return from_object(doc, str(p))
+    if len(docs) == 1:
+        return from_object(docs[0], str(p))
+    raise SpcError(f"{p}: no document of kind {KIND} found")
+
+
+def plan(
+    spc: SecretProviderClass,
+    overrides: Mapping[str, str] | None = None,
+    default_mode: int = DEFAULT_MODE,
+) -> Plan:
+    """The provider's plan for a volume of ``spc``.
+
+    ``overrides`` are volume attributes; as upstream does, they replace SPC parameters with the
+    same key. Raises ParameterError (problems naming object and field).
+    """
+    params = dict(spc.parameters)
+    if overrides:
+        params.update(overrides)
+    try:
+        provider = get_provider(spc.provider)
+    except UnknownProvider as exc:
+        raise ParameterError([Problem(None, "spec.provider", str(exc))]) from None
+    return provider.parse(params, default_mode)

@@ -1,0 +1,115 @@
+"""Standalone mode: one SecretProviderClass mounted directly, with the process's own credentials."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from providers.base import AMBIENT, DEFAULT_MODE, ParameterError
+from secretfs import spc as spc_mod
+from secretfs.fs import ATTR_TIMEOUT, SecretFS
+from secretfs.hardening import harden
+from secretfs.volumes import VolumeError, Volumes
+
+log = logging.getLogger(__name__)
+
+STANDALONE_VOLUME = "standalone"
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    ttl: float = 120.0
+    max_stale: float = 86400.0
+    uid: int = 0
+    gid: int = 0
+    default_mode: int = DEFAULT_MODE
+    allow_other: bool = True
+    attr_timeout: float = ATTR_TIMEOUT
+    lock_memory: bool = True
+    revoke_leases: bool = False
+
+
+class MountError(Exception):
+    """The mount did not happen; the message tells the user why."""
+
+
+def fuse_options(allow_other: bool, fsname: str = "secretfs") -> set[str]:
+    opts = {f"fsname={fsname}", "subtype=secretfs", "ro", "nosuid", "nodev"}
+    opts |= set(pyfuse3.default_options)  # default_permissions: the kernel enforces modes
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise MountError(f"mount point {path} does not exist or is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"{path} is already a mount point; unmount it first")
+
+
+async def run(
+    spc_path: str,
+    mountpoint: str,
+    opts: MountOptions,
+    ready: Callable[[str | None], None],
+    fs_factory: Callable[[Volumes], SecretFS] = SecretFS,
+) -> int:
+    """Mount, report readiness (None) or the reason for failure, and serve until unmounted."""
+    try:
+        check_mountpoint(mountpoint)
+        plan = spc_mod.plan(spc_mod.load(spc_path), default_mode=opts.default_mode)
+    except (MountError, spc_mod.SpcError, ParameterError) as exc:
+        ready(str(exc))
+        return 1
+    hardened = harden(opts.lock_memory)
+    log.info("process hardening: %s", hardened)
+    volumes = Volumes(ttl=opts.ttl, max_stale=opts.max_stale, revoke_leases=opts.revoke_leases)
+    terminated = False
+    async with trio.open_nursery() as nursery:
+        volumes.start(nursery)
+        try:
+            await volumes.add(
+                STANDALONE_VOLUME, plan, AMBIENT, uid=opts.uid, gid=opts.gid, at_root=True
+            )
+        except VolumeError as exc:
+            ready(f"cannot mount: {exc}")
+            nursery.cancel_scope.cancel()
+            return 1
+        fs = fs_factory(volumes)
+        fs.attr_timeout = opts.attr_timeout
+        try:
+            pyfuse3.init(fs, mountpoint, fuse_options(opts.allow_other))
+        except RuntimeError as exc:
+            ready(f"cannot mount {mountpoint}: {exc}")
+            nursery.cancel_scope.cancel()
+            return 1
+        fs.start(nursery)
+        log.info("mounted %s (%d files)", mountpoint, len(plan.files))
+        ready(None)
+
+        async def on_signal() -> None:
+            nonlocal terminated
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    terminated = True
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signal)
+        try:
+            await pyfuse3.main()
+        finally:
+            nursery.cancel_scope.cancel()
+            # After an external umount the kernel side is already gone.
+            pyfuse3.close(unmount=terminated)
+            with trio.CancelScope(shield=True):
+                await volumes.remove(STANDALONE_VOLUME)
+    log.info("unmounted %s", mountpoint)
+    return 0

@@ -1,0 +1,185 @@
+"""The inode tree: one directory per volume (or the root itself in standalone mode), files below.
+
+Inode numbers are handed out once and never reused while the daemon runs, so a number the kernel
+holds always means the same file or nothing at all. Pure data, no I/O: the FUSE layer and tests use
+it directly.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from providers.base import FileSpec
+
+ROOT_INODE = 1
+DIR_MODE = 0o555
+
+
+@dataclass
+class Node:
+    inode: int
+    parent: int
+    name: bytes
+    mode: int  # full st_mode, type bits included
+    uid: int
+    gid: int
+    volume: str | None
+    children: dict[bytes, int] | None = None  # directories only, name -> inode
+    spec: FileSpec | None = None  # files only
+    key: Hashable | None = None  # files only: the cache key of the file's source
+    mtime_ns: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+@dataclass
+class Tree:
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    nodes: dict[int, Node] = field(default_factory=dict)
+    by_key: dict[Hashable, set[int]] = field(default_factory=dict)
+    _next: int = ROOT_INODE + 1
+
+    def __post_init__(self) -> None:
+        self.nodes[ROOT_INODE] = Node(
+            ROOT_INODE,
+            ROOT_INODE,
+            b"",
+            stat.S_IFDIR | DIR_MODE,
+            self.uid,
+            self.gid,
+            None,
+            children={},
+            mtime_ns=self.mtime_ns,
+        )
+
+    def __getitem__(self, inode: int) -> Node:
+        return self.nodes[inode]
+
+    def get(self, inode: int) -> Node | None:
+        return self.nodes.get(inode)
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        node = self.nodes.get(parent)
+        if node is None or node.children is None:
+            return None
+        if name == b".":
+            return node
+        if name == b"..":
+            return self.nodes.get(node.parent)
+        child = node.children.get(name)
+        return None if child is None else self.nodes.get(child)
+
+    def children(self, inode: int) -> list[Node]:
+        """Children sorted by name, so readdir offsets are stable."""
+        node = self.nodes[inode]
+        assert node.children is not None
+        return [self.nodes[i] for _, i in sorted(node.children.items())]
+
+    def inodes_for(self, key: Hashable) -> set[int]:
+        return self.by_key.get(key, set())
+
+    def add_volume(
+        self,
+        volume: str,
+        files: Sequence[tuple[FileSpec, Hashable]],
+        *,
+        uid: int,
+        gid: int,
+        mtime_ns: int,
+        at_root: bool = False,
+    ) -> int:
+        """Add a volume's files; returns the inode of the volume's directory."""
+        if at_root:
+            top = ROOT_INODE
+            root = self.nodes[ROOT_INODE]
+            root.uid, root.gid, root.volume = uid, gid, volume
+        else:
+            name = volume.encode()
+            if self.lookup(ROOT_INODE, name) is not None:
+                raise ValueError(f"volume {volume!r} exists")
+            top = self._mkdir(ROOT_INODE, name, volume, uid, gid, mtime_ns)
+        for spec, key in files:
+            *dirs, base = spec.path.encode().split(b"/")
+            parent = top
+            for d in dirs:
+                existing = self.lookup(parent, d)
+                if existing is None:
+                    parent = self._mkdir(parent, d, volume, uid, gid, mtime_ns)
+                elif existing.is_dir:
+                    parent = existing.inode
+                else:
+                    raise ValueError(f"{spec.path!r}: {d!r} is a file")
+            if self.lookup(parent, base) is not None:
+                raise ValueError(f"duplicate file {spec.path!r}")
+            ino = self._new(parent, base)
+            self.nodes[ino] = Node(
+                ino,
+                parent,
+                base,
+                stat.S_IFREG | spec.mode,
+                uid,
+                gid,
+                volume,
+                spec=spec,
+                key=key,
+                mtime_ns=mtime_ns,
+            )
+            self.by_key.setdefault(key, set()).add(ino)
+        return top
+
+    def remove_volume(self, volume: str) -> list[int]:
+        """Remove a volume's nodes; returns the removed inodes (the root is never removed)."""
+        removed = [ino for ino, n in self.nodes.items() if n.volume == volume and ino != ROOT_INODE]
+        for ino in removed:
+            node = self.nodes.pop(ino)
+            if node.key is not None:
+                inodes = self.by_key.get(node.key)
+                if inodes is not None:
+                    inodes.discard(ino)
+                    if not inodes:
+                        del self.by_key[node.key]
+            parent = self.nodes.get(node.parent)
+            if parent is not None and parent.children is not None:
+                parent.children.pop(node.name, None)
+        root = self.nodes[ROOT_INODE]
+        if root.volume == volume:
+            root.volume = None
+        return removed
+
+    def walk(self, inode: int = ROOT_INODE) -> Iterator[Node]:
+        node = self.nodes[inode]
+        yield node
+        if node.children is not None:
+            for child in self.children(inode):
+                yield from self.walk(child.inode)
+
+    def _new(self, parent: int, name: bytes) -> int:
+        ino = self._next
+        self._next += 1
+        p = self.nodes[parent]
+        assert p.children is not None
+        p.children[name] = ino
+        return ino
+
+    def _mkdir(
+        self, parent: int, name: bytes, volume: str, uid: int, gid: int, mtime_ns: int
+    ) -> int:
+        ino = self._new(parent, name)
+        self.nodes[ino] = Node(
+            ino,
+            parent,
+            name,
+            stat.S_IFDIR | DIR_MODE,
+            uid,
+            gid,
+            volume,
+            children={},
+            mtime_ns=mtime_ns,
+        )
+        return ino
