@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-f", "--foreground", action="store_true", help="do not go to the background")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    m.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument(
+        "--log-file",
+        default=None,
+        help="in the background, append the log here (default: discard it once mounted)",
+    )
     _add_mount_options(m)
 
     c = sub.add_parser("check", help="validate a SecretProviderClass file offline")
@@ -117,8 +123,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         lock_memory=not args.no_mlock,
         revoke_leases=args.revoke_leases,
     )
-    if args.audit:
-        logging.getLogger("secretfs.audit").setLevel(logging.INFO)
+    logging.getLogger("secretfs.audit").setLevel(logging.INFO if args.audit else logging.WARNING)
 
     def ready(error: str | None) -> None:
         if error is not None:
@@ -126,6 +131,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"ok\n" if error is None else f"error: {error}\n".encode())
             os.close(args.ready_fd)
+        if args.detach and error is None:
+            # Let go of the terminal (or a caller's pipes) now that the mount is up.
+            target = os.open(args.log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(target, 1)
+            os.dup2(target, 2)
+            os.close(target)
 
     return trio.run(standalone.run, args.spc, args.mountpoint, opts, ready)
 
@@ -137,7 +148,8 @@ def _mount_in_background(args: argparse.Namespace) -> int:
     pipe and becomes our own message and exit status.
     """
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "secretfs", *sys.argv[1:], "--foreground", "--ready-fd", str(w)]
+    argv = [sys.executable, "-m", "secretfs", *sys.argv[1:], "--foreground", "--detach"]
+    argv += ["--ready-fd", str(w)]
     proc = subprocess.Popen(
         argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL
     )

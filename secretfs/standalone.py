@@ -35,6 +35,15 @@ class MountOptions:
     revoke_leases: bool = False
 
 
+    def check(self) -> None:
+        if not self.ttl > 0:
+            raise MountError(f"--ttl must be more than 0 seconds (got {self.ttl:g})")
+        if self.max_stale < self.ttl:
+            raise MountError(
+                f"--max-stale ({self.max_stale:g} s) must be at least --ttl ({self.ttl:g} s)"
+            )
+
+
 class MountError(Exception):
     """The mount did not happen; the message tells the user why."""
 
@@ -63,6 +72,7 @@ async def run(
 ) -> int:
     """Mount, report readiness (None) or the reason for failure, and serve until unmounted."""
     try:
+        opts.check()
         check_mountpoint(mountpoint)
         plan = spc_mod.plan(spc_mod.load(spc_path), default_mode=opts.default_mode)
     except (MountError, spc_mod.SpcError, ParameterError) as exc:

@@ -197,10 +197,9 @@ class Volumes:
         )
         return dict(results)
 
-    async def _fetch_one(self, vol: Volume, source: Hashable) -> Fetched:
-        spec = next(s for s in vol.plan.files if s.source == source)
+    async def _fetch_one(self, vol: Volume, spec: FileSpec) -> Fetched:
         try:
-            result = (await self._fetch(vol, [source])).get(source)
+            result = (await self._fetch(vol, [spec.source])).get(spec.source)
         except FetchError:
             raise
         except Exception as exc:

@@ -1,0 +1,304 @@
+"""Real FUSE mounts of AWS-backed SecretProviderClasses, served by a moto server process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.moto_server import FAKE_KEYS, _answers, _free_port
+from tests.mounting import ROOT, MountFailed, is_mounted, mounted, needs_fuse, wait_for
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+NOBODY = 65534
+
+SPC = """\
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: app
+spec:
+  provider: aws
+  parameters:{extra}
+    objects: |
+{objects}
+"""
+
+
+def spc(*objects: str, **params: str) -> str:
+    body = "\n".join(" " * 6 + line for obj in objects for line in obj.strip().splitlines())
+    extra = "".join(f"\n    {k}: {v!r}" for k, v in params.items())
+    return SPC.format(objects=body, extra=extra)
+
+
+def sm(env: dict[str, str]) -> Any:
+    return boto3.client("secretsmanager", region_name=env["region"], endpoint_url=env["endpoint_url"])
+
+
+def ssm(env: dict[str, str]) -> Any:
+    return boto3.client("ssm", region_name=env["region"], endpoint_url=env["endpoint_url"])
+
+
+DB = '- objectName: "MyDatabasePassword"\n  objectType: "secretsmanager"'
+
+
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(cmd), user=NOBODY, group=NOBODY, capture_output=True, check=False)
+
+
+def test_listing_content_modes_and_subdirectories(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="s3cr3t-db")
+    sm(aws_env).create_secret(Name="prod/api/key", SecretString='{"user": "u1", "pass": "p1"}')
+    ssm(aws_env).put_parameter(Name="/app/flag", Value="on", Type="SecureString")
+    objects = [
+        DB,
+        """
+- objectName: "prod/api/key"
+  objectType: "secretsmanager"
+  objectAlias: "api/key.json"
+  filePermission: "0640"
+  jmesPath:
+    - path: "user"
+      objectAlias: "api/user"
+""",
+        '- objectName: "/app/flag"\n  objectType: "ssmparameter"',
+    ]
+    # With pathTranslation off, a '/' in a name or alias makes subdirectories (upstream's rule).
+    params = {"pathTranslation": "False"}
+    with mounted(spc(*objects, **params), tmp_path, "--uid", "1234", "--gid", "4321") as m:
+        assert sorted(os.listdir(m.path)) == sorted(["app", "api", "MyDatabasePassword"])
+        assert sorted(os.listdir(m.path / "api")) == ["key.json", "user"]
+        assert m.read("MyDatabasePassword") == b"s3cr3t-db"
+        assert m.read("api/key.json") == b'{"user": "u1", "pass": "p1"}'
+        assert m.read("api/user") == b"u1"
+        assert m.read("app/flag") == b"on"
+
+        st = os.stat(m.file("MyDatabasePassword"))
+        assert stat.S_IMODE(st.st_mode) == 0o644 and stat.S_ISREG(st.st_mode)
+        assert (st.st_uid, st.st_gid) == (1234, 4321)
+        assert st.st_size == len(b"s3cr3t-db")
+        assert stat.S_IMODE(os.stat(m.file("api/key.json")).st_mode) == 0o640
+        assert stat.S_ISDIR(os.stat(m.file("api")).st_mode)
+        # Inode numbers are stable across lookups.
+        assert os.stat(m.file("api/user")).st_ino == os.stat(m.file("api/user")).st_ino
+
+
+def test_modes_are_enforced_for_other_users(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="public", SecretString="everyone")
+    sm(aws_env).create_secret(Name="private", SecretString="owner-only")
+    objects = [
+        '- objectName: "public"\n  objectType: "secretsmanager"',
+        '- objectName: "private"\n  objectType: "secretsmanager"\n  filePermission: "0600"',
+    ]
+    with mounted(spc(*objects), tmp_path, "--uid", "0", "--gid", "0") as m:
+        # tmp_path's parents are root-only; let nobody reach the mount point itself.
+        for p in m.path.parents:
+            if p == Path("/"):
+                break
+            os.chmod(p, os.stat(p).st_mode | 0o005)
+        ok = as_nobody("cat", str(m.file("public")))
+        assert ok.returncode == 0 and ok.stdout == b"everyone"
+        denied = as_nobody("cat", str(m.file("private")))
+        assert denied.returncode != 0
+        assert b"Permission denied" in denied.stderr
+        assert m.read("private") == b"owner-only"  # root still can
+
+
+def test_every_write_fails_with_erofs(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="pw")
+    with mounted(spc(DB), tmp_path) as m:
+        f = m.file("MyDatabasePassword")
+        attempts = {
+            "open for writing": lambda: os.open(f, os.O_WRONLY),
+            "open read-write": lambda: os.open(f, os.O_RDWR),
+            "truncate": lambda: os.truncate(f, 0),
+            "create": lambda: os.open(m.file("new"), os.O_CREAT | os.O_WRONLY, 0o600),
+            "chmod": lambda: os.chmod(f, 0o600),
+            "chown": lambda: os.chown(f, 1, 1),
+            "utime": lambda: os.utime(f, (0, 0)),
+            "mkdir": lambda: os.mkdir(m.file("d")),
+            "unlink": lambda: os.unlink(f),
+            "rmdir": lambda: os.rmdir(m.path),
+            "rename": lambda: os.rename(f, m.file("other")),
+            "symlink": lambda: os.symlink("x", m.file("link")),
+            "link": lambda: os.link(f, m.file("hard")),
+            "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+            "removexattr": lambda: os.removexattr(f, "user.x"),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(OSError) as exc:
+                attempt()
+            # rmdir of the mount point itself is EBUSY before the filesystem is even asked.
+            expected = {errno.EROFS, errno.EBUSY} if what == "rmdir" else {errno.EROFS}
+            assert exc.value.errno in expected, f"{what}: {exc.value}"
+        assert m.read("MyDatabasePassword") == b"pw"
+
+
+def test_rotation_is_visible_after_ttl_without_remount(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    client = sm(aws_env)
+    client.create_secret(Name="MyDatabasePassword", SecretString="v1")
+    with mounted(spc(DB), tmp_path, "--ttl", "1") as m:
+        assert m.read("MyDatabasePassword") == b"v1"
+        client.put_secret_value(SecretId="MyDatabasePassword", SecretString="version-two-longer")
+        # Within the TTL the cached value is served without asking the backend.
+        assert m.read("MyDatabasePassword") == b"v1"
+        assert wait_for(lambda: m.read("MyDatabasePassword") == b"version-two-longer")
+        assert os.stat(m.file("MyDatabasePassword")).st_size == len(b"version-two-longer")
+        client.put_secret_value(SecretId="MyDatabasePassword", SecretString="3")
+        assert wait_for(lambda: m.read("MyDatabasePassword") == b"3")
+        assert os.stat(m.file("MyDatabasePassword")).st_size == 1
+
+
+def test_an_open_file_keeps_its_version_across_rotation(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    client = sm(aws_env)
+    old = b"old-value-" + b"o" * 5000
+    new = b"new"
+    client.create_secret(Name="MyDatabasePassword", SecretString=old.decode())
+    with mounted(spc(DB), tmp_path, "--ttl", "1") as m:
+        fd = os.open(m.file("MyDatabasePassword"), os.O_RDONLY)
+        try:
+            assert os.pread(fd, 10, 0) == old[:10]
+            client.put_secret_value(SecretId="MyDatabasePassword", SecretString=new.decode())
+            assert wait_for(lambda: m.read("MyDatabasePassword") == new)
+            # The handle opened before the rotation still reads the old version, whole.
+            assert os.pread(fd, len(old) + 100, 0) == old
+            assert m.read("MyDatabasePassword") == new
+            assert os.pread(fd, 100, 4000) == old[4000:4100]
+        finally:
+            os.close(fd)
+        # With the old handle gone, new opens keep reading the new version.
+        assert m.read("MyDatabasePassword") == new
+        assert os.stat(m.file("MyDatabasePassword")).st_size == len(new)
+
+
+@pytest.mark.slow
+def test_backend_down_serves_stale_then_eio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A moto of our own, so we can kill it.
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **FAKE_KEYS},
+    )
+    try:
+        assert wait_for(lambda: _answers(url), timeout=30)
+        env = {"endpoint_url": url, "region": "us-east-1"}
+        for k, v in {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }.items():
+            monkeypatch.setenv(k, v)
+        sm(env).create_secret(Name="MyDatabasePassword", SecretString="still-here")
+        with mounted(spc(DB), tmp_path, "--ttl", "1", "--max-stale", "4") as m:
+            assert m.read("MyDatabasePassword") == b"still-here"
+            proc.terminate()
+            proc.wait(10)
+            time.sleep(1.2)
+            # Past the TTL, the backend is down: the last good value is still served.
+            assert m.read("MyDatabasePassword") == b"still-here"
+            # Past max staleness: EIO, and the cause is in the log.
+            def eio() -> bool:
+                try:
+                    m.read("MyDatabasePassword")
+                except OSError as exc:
+                    return exc.errno == errno.EIO
+                return False
+
+            assert wait_for(eio, timeout=20)
+            assert is_mounted(m.path)
+            assert "Could not connect" in m.log() or "unreachable" in m.log().lower()
+            assert "still-here" not in m.log()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_handler_fault_leaves_the_mount_serving(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="fine")
+    sm(aws_env).create_secret(Name="boom", SecretString="never-read")
+    objects = [DB, '- objectName: "boom"\n  objectType: "secretsmanager"']
+    with mounted(
+        spc(*objects), tmp_path, module="tests.fuse_harness", env={"SECRETFS_TEST_FAULT": "boom"}
+    ) as m:
+        with pytest.raises(OSError) as exc:
+            m.read("boom")
+        assert exc.value.errno == errno.EIO
+        with pytest.raises(OSError) as exc:
+            os.stat(m.file("lookup-boom"))
+        assert exc.value.errno == errno.EIO
+        # The daemon is alive and the other file still reads.
+        assert m.proc.poll() is None
+        assert m.read("MyDatabasePassword") == b"fine"
+        assert "RuntimeError" in m.log() and "never-read" not in m.log()
+
+
+def test_unmount_leaves_nothing_behind(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="pw")
+    with mounted(spc(DB), tmp_path) as m:
+        assert m.read("MyDatabasePassword") == b"pw"
+        assert m.unmount() == 0
+        assert not is_mounted(m.path)
+        assert os.listdir(m.path) == []
+
+
+def test_mount_command_fails_clearly_and_mounts_nothing(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="pw")
+    bad = spc(DB, '- objectName: "NoSuchSecret"\n  objectType: "secretsmanager"')
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "spc.yaml").write_text(bad)
+    # The background form, as a user types it.
+    res = subprocess.run(
+        [sys.executable, "-m", "secretfs", "mount", "spc.yaml", "mnt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert res.returncode == 1
+    assert "NoSuchSecret" in res.stderr and "not found" in res.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+    with pytest.raises(MountFailed) as failed:
+        with mounted(spc(DB), tmp_path, "--ttl", "0"):
+            pass
+    assert "ttl" in failed.value.answer.lower()
+
+
+def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="bg")
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "spc.yaml").write_text(spc(DB))
+    res = subprocess.run(
+        [sys.executable, "-m", "secretfs", "mount", "spc.yaml", "mnt", "--log-level", "WARNING"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "mnt" / "MyDatabasePassword").read_bytes() == b"bg"
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+    assert wait_for(lambda: not is_mounted(tmp_path / "mnt"))
