@@ -50,6 +50,11 @@ class GcpProvider:
         self.broker = TokenBroker(self.settings, clock)
         self.clients = SecretClients(self.settings)
 
+    def close(self) -> None:
+        """Close the gRPC channels and HTTP connections (daemon shutdown, tests)."""
+        self.clients.close()
+        self.broker.close()
+
     def parse(self, parameters: Mapping[str, str], default_mode: int = DEFAULT_MODE) -> Plan:
         return parse_parameters(parameters, default_mode)
 

@@ -156,6 +156,9 @@ class TokenBroker:
             return self._adc_token(obj), None
         return self._pod_token(identity, obj)
 
+    def close(self) -> None:
+        self._session.close()
+
     def forget(self, key: Hashable | None) -> None:
         """Drop a cached token the backend refused (revoked, or its binding removed)."""
         if key is not None:
@@ -206,13 +209,18 @@ class TokenBroker:
                 hit = self._cache.get(key)
             if hit is not None:
                 return hit.token, key
-            fed, fed_expires = self._exchange(subject, pool.sts_audience, obj)
-            entry = _Cached(fed, fed_expires)
-            if gsa:
-                entry = self._impersonate(fed, gsa, delegates, identity, pool.token_audiences, obj)
-            with self._lock:
-                self._cache[key] = entry
-                self._key_locks.pop(key, None)
+            try:
+                fed, fed_expires = self._exchange(subject, pool.sts_audience, obj)
+                entry = _Cached(fed, fed_expires)
+                if gsa:
+                    entry = self._impersonate(
+                        fed, gsa, delegates, identity, pool.token_audiences, obj
+                    )
+                with self._lock:
+                    self._cache[key] = entry
+            finally:
+                with self._lock:
+                    self._key_locks.pop(key, None)
             return entry.token, key
 
     def _subject_token(self, identity: Identity, audiences: tuple[str, ...], obj: str) -> str:
@@ -240,6 +248,7 @@ class TokenBroker:
         return tuple(f"projects/-/serviceAccounts/{n}" for n in names)
 
     def _exchange(self, subject: str, audience: str, obj: str) -> tuple[str, float]:
+        self._settings.read_ca(obj)  # a missing bundle is a configuration error, not an outage
         http = _Http(self._session, self._settings)
         self.exchanges += 1
         try:

@@ -68,18 +68,8 @@ class SecretClients:
         with self._lock:
             client = self._clients.get(target)
             if client is None:
-                if self._settings.ca_file and self._roots is None:
-                    try:
-                        with open(self._settings.ca_file, "rb") as f:
-                            self._roots = f.read()
-                    except OSError as exc:
-                        raise FetchError(
-                            obj,
-                            f"cannot read SECRETFS_GCP_CA_FILE {self._settings.ca_file!r}: "
-                            f"{exc.strerror}",
-                            transient=False,
-                            code="BadConfig",
-                        ) from None
+                if self._roots is None:
+                    self._roots = self._settings.read_ca(obj)
                 transport = SecretManagerServiceGrpcTransport(
                     host=target,
                     credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
@@ -88,6 +78,12 @@ class SecretClients:
                 client = SecretManagerServiceClient(transport=transport)
                 self._clients[target] = client
             return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.transport.close()  # type: ignore[no-untyped-call]
 
     def access(self, name: str, token: str) -> tuple[bytes, str]:
         """The payload and resolved version name of secret version ``name``; raises FetchError."""

@@ -87,6 +87,21 @@ class GcpSettings:
             metadata_host=get("GCE_METADATA_HOST", None) or d.metadata_host,
         )
 
+    def read_ca(self, obj: str) -> bytes | None:
+        """The configured CA bundle, or None for the system roots; FetchError if unreadable."""
+        if not self.ca_file:
+            return None
+        try:
+            with open(self.ca_file, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise FetchError(
+                obj,
+                f"cannot read SECRETFS_GCP_CA_FILE {self.ca_file!r}: {exc.strerror}",
+                transient=False,
+                code="BadConfig",
+            ) from None
+
     def endpoint_for(self, location: str | None) -> str:
         """The gRPC target serving secrets of ``location`` (None: global secrets)."""
         if location is None:

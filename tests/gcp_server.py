@@ -20,8 +20,9 @@ Start API::
 Knobs on ``gcp.state`` (under ``state.lock`` when threads may run): ``sm_fail``/``sts_fail``/
 ``iam_fail`` (status codes answered by the next calls, popped in order), ``sts_echo_token``
 (the STS error echoes the subject token, to test scrubbing), ``sts_expires_in``,
-``iam_expire_in``. Counters: ``sm_calls`` (names, per server in ``gcp.global_sm``/``gcp.regional_sm``),
-``sts_calls`` (form bodies), ``iam_calls`` (URL paths), ``metadata_calls``.
+``iam_expire_in``. Counters: ``sm_calls`` (names; one list per server, ``gcp.global_sm`` and
+``gcp.regional_sm``), ``sts_calls`` (form bodies), ``iam_calls`` (paths, bodies),
+``metadata_calls``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def pod_principal(ns: str, ksa: str) -> str:
     return f"principal://iam.googleapis.com/{POOL}/subject/ns/{ns}/sa/{ksa}"
 
 
-# --- Secret Manager (gRPC) -------------------------------------------------------------------------
+# --- Secret Manager (gRPC) ------------------------------------------------------------------------
 
 
 class SecretManagerServer:
@@ -136,10 +137,13 @@ class SecretManagerServer:
             m = _NAME.match(name)
             if m is None or m.group(2) != self.location:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource name [{name}]")
+            assert m is not None  # abort() raised otherwise
             project, _, secret, version = m.groups()
-            key = f"projects/{project}/" + (
-                f"locations/{self.location}/" if self.location else ""
-            ) + f"secrets/{secret}"
+            key = (
+                f"projects/{project}/"
+                + (f"locations/{self.location}/" if self.location else "")
+                + f"secrets/{secret}"
+            )
             if principal not in st.grants.get(key, set()):
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -150,18 +154,19 @@ class SecretManagerServer:
             n = len(versions or ()) if version == "latest" else int(version or 0)
             if not versions or not 1 <= n <= len(versions):
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Secret Version [{name}] not found.")
+            assert versions is not None
             data = versions[n - 1]
         resolved = key.replace(f"projects/{project}/", f"projects/{PROJECT_NUMBER}/", 1)
         return _RESP(name=f"{resolved}/versions/{n}", payload={"data": data})
 
 
-# --- STS, IAM Credentials, metadata (HTTP) -----------------------------------------------------
+# --- STS, IAM Credentials, metadata (HTTP) --------------------------------------------------------
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     state: State
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _reply(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
@@ -265,9 +270,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._reply(404, {"error": {"code": 404, "message": "not found"}})
             elif caller is None:
                 self._reply(401, {"error": {"code": 401, "message": "invalid credentials"}})
-            elif caller not in st.token_creators.get(m.group(1), set()) or CLOUD_PLATFORM_SCOPE not in (
-                body.get("scope") or []
-            ):
+            elif caller not in st.token_creators.get(
+                m.group(1), set()
+            ) or CLOUD_PLATFORM_SCOPE not in (body.get("scope") or []):
                 self._reply(
                     403,
                     {
@@ -299,7 +304,7 @@ def _serve_http(state: State, ctx: ssl.SSLContext | None) -> _HttpServer:
     server = _HttpServer(("127.0.0.1", 0), handler)
     if ctx is not None:
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
 
