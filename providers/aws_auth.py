@@ -1,0 +1,231 @@
+"""boto3 clients and credentials for the AWS provider.
+
+Ambient identity (standalone mode) uses boto3's default credential chain. A pod identity uses IRSA:
+the pod's token for audience ``sts.amazonaws.com`` and the role in its service account's
+``eks.amazonaws.com/role-arn`` annotation go to STS AssumeRoleWithWebIdentity; or, with
+``usePodIdentity: "true"``, EKS Pod Identity: the pod's ``pods.eks.amazonaws.com`` token goes to the
+node's Pod Identity Agent. Temporary credentials are cached until 5 minutes before they expire.
+
+Endpoints and ambient credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, profiles, IMDS, ...), read when a client is first created.
+
+Thread-safety: boto3 clients are thread-safe, a boto3 Session is not, so the one shared Session is
+only touched under ``_lock``. One Session (not one per identity) keeps a single copy of the parsed
+service models in memory; per-identity credentials are passed to ``Session.client``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import boto3.session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, MetadataRetrievalError
+from botocore.httpsession import URLLib3Session
+from botocore.utils import ContainerMetadataFetcher
+from cachetools import LRUCache
+
+from providers.aws_errors import map_error, redact
+from providers.aws_params import AwsAuth
+from providers.base import CONNECT_TIMEOUT, READ_TIMEOUT, FetchError, Identity
+
+log = logging.getLogger(__name__)
+
+
+def _no_debug(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.DEBUG
+
+
+# At DEBUG these botocore loggers print request and response bodies and signed headers: secret
+# values, web identity tokens, session tokens. Whatever level the daemon configures, their debug
+# records are dropped where they are made (a filter on the logger itself, not on a handler).
+WIRE_LOGGERS = (
+    "botocore.endpoint",
+    "botocore.parsers",
+    "botocore.auth",
+    "botocore.awsrequest",
+    "botocore.httpsession",
+    "botocore.utils",
+    "botocore.credentials",
+)
+for _name in WIRE_LOGGERS:
+    logging.getLogger(_name).addFilter(_no_debug)
+
+IRSA_AUDIENCE = "sts.amazonaws.com"
+IRSA_ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
+POD_IDENTITY_AUDIENCE = "pods.eks.amazonaws.com"
+# The EKS Pod Identity Agent's link-local addresses (as upstream); tests point these elsewhere.
+POD_IDENTITY_ENDPOINTS = {
+    "ipv4": "http://169.254.170.23/v1/credentials",
+    "ipv6": "http://[fd00:ec2::23]/v1/credentials",
+}
+REFRESH_MARGIN = 300.0  # seconds before expiry at which cached credentials are renewed
+
+CLIENT_CONFIG = Config(
+    connect_timeout=CONNECT_TIMEOUT,
+    read_timeout=READ_TIMEOUT,
+    retries={"mode": "standard", "max_attempts": 3},
+    user_agent_extra="secretfs",
+)
+
+
+@dataclass(frozen=True)
+class Creds:
+    """Temporary credentials; ``expires`` is a time.time() value."""
+
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    token: str = field(repr=False)
+    expires: float
+
+
+class _AgentFetcher(ContainerMetadataFetcher):
+    # botocore retries every failure, 4xx included; fewer and shorter waits keep a denied
+    # request from holding a worker thread for long.
+    RETRY_ATTEMPTS = 2
+    SLEEP_TIME = 0
+
+
+def _session_name(identity: Identity) -> str:
+    raw = f"secretfs-{identity.namespace or ''}-{identity.service_account or ''}"
+    return re.sub(r"[^\w+=,.@-]", "-", raw)[:64]
+
+
+def _expiry(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+class ClientCache:
+    """Shared Session, clients per (service, region, credentials), credentials per identity."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._lock = threading.Lock()
+        self._session: boto3.session.Session | None = None
+        self._clients: LRUCache[Hashable, Any] = LRUCache(maxsize=256)
+        self._creds: LRUCache[Hashable, Creds] = LRUCache(maxsize=1024)
+        self._flights: dict[Hashable, threading.Lock] = {}
+        self._clock = clock
+
+    def client(self, service: str, region: str, creds: Creds | None) -> Any:
+        key = (service, region, creds)
+        with self._lock:
+            cli = self._clients.get(key)
+            if cli is None:
+                if self._session is None:
+                    self._session = boto3.session.Session()
+                kwargs: dict[str, Any] = {}
+                if creds is not None:
+                    kwargs = {
+                        "aws_access_key_id": creds.access_key,
+                        "aws_secret_access_key": creds.secret_key,
+                        "aws_session_token": creds.token,
+                    }
+                cli = self._session.client(
+                    service,  # type: ignore[call-overload]
+                    region_name=region,
+                    config=CLIENT_CONFIG,
+                    **kwargs,
+                )
+                self._clients[key] = cli
+            return cli
+
+    def credentials(self, auth: AwsAuth, identity: Identity, region: str, obj: str) -> Creds | None:
+        """Credentials for ``identity`` in ``region``; None means the ambient default chain.
+
+        Raises FetchError (missing token or role annotation, STS or agent refusal or outage)."""
+        if identity.ambient:
+            return None
+        if auth.use_pod_identity:
+            token = identity.token_for(POD_IDENTITY_AUDIENCE, obj)
+            key: Hashable = (identity.key(), "pod-identity", auth.preferred_address_type)
+            return self._cached(key, lambda: self._pod_identity(auth, token, obj))
+        token = identity.token_for(IRSA_AUDIENCE, obj)
+        role = identity.sa_annotations.get(IRSA_ROLE_ANNOTATION, "").strip()
+        if not role:
+            raise FetchError(
+                obj,
+                f"service account {identity.namespace}/{identity.service_account} has no "
+                f"annotation {IRSA_ROLE_ANNOTATION}; annotate it with the ARN of the IAM role to "
+                'assume (IRSA), or set usePodIdentity: "true" for EKS Pod Identity',
+                transient=False,
+                code="MissingRole",
+            )
+        key = (identity.key(), region, role)
+        return self._cached(key, lambda: self._irsa(identity, token, role, region, obj))
+
+    def _cached(self, key: Hashable, make: Any) -> Creds:
+        with self._lock:
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:  # one STS/agent call per key at a time; the others reuse its result
+            with self._lock:
+                creds = self._creds.get(key)
+            if creds is not None and creds.expires - REFRESH_MARGIN > self._clock():
+                return creds
+            new: Creds = make()
+            with self._lock:
+                self._creds[key] = new
+                self._flights.pop(key, None)
+            return new
+
+    def _irsa(self, identity: Identity, token: str, role: str, region: str, obj: str) -> Creds:
+        sts = self.client("sts", region, None)  # AssumeRoleWithWebIdentity is unsigned
+        try:
+            rsp = sts.assume_role_with_web_identity(
+                RoleArn=role, RoleSessionName=_session_name(identity), WebIdentityToken=token
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise map_error(
+                exc, obj, region, f"AssumeRoleWithWebIdentity for role {role}", hide=(token,)
+            ) from None
+        c = rsp["Credentials"]
+        log.debug("assumed role %s in %s for %s", role, region, _session_name(identity))
+        return Creds(
+            c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], _expiry(c["Expiration"])
+        )
+
+    def _pod_identity(self, auth: AwsAuth, token: str, obj: str) -> Creds:
+        order = {"ipv4": ["ipv4"], "ipv6": ["ipv6"]}.get(
+            auth.preferred_address_type, ["ipv4", "ipv6"]
+        )
+        timeouts: Any = (CONNECT_TIMEOUT, READ_TIMEOUT)  # botocore accepts (connect, read)
+        fetcher = _AgentFetcher(session=URLLib3Session(timeout=timeouts))
+        failure = FetchError(obj, "no Pod Identity Agent endpoint", transient=True)
+        for kind in order:
+            url = POD_IDENTITY_ENDPOINTS[kind]
+            try:
+                data = fetcher.retrieve_full_uri(url, headers={"Authorization": token})
+                return Creds(
+                    data["AccessKeyId"],
+                    data["SecretAccessKey"],
+                    data["Token"],
+                    _expiry(data["Expiration"]),
+                )
+            except MetadataRetrievalError as exc:
+                msg = redact(str(exc), (token,))[:300]
+                status = re.search(r"non 200 response (\d{3})", msg)
+                denied = status is not None and status.group(1).startswith("4")
+                failure = FetchError(
+                    obj,
+                    f"EKS Pod Identity Agent at {url} refused or failed: {msg}",
+                    transient=not denied,
+                    code="AccessDenied" if denied else "Unavailable",
+                )
+                if denied:
+                    break
+            except (KeyError, ValueError, TypeError):
+                failure = FetchError(
+                    obj,
+                    f"EKS Pod Identity Agent at {url} sent no usable credentials",
+                    transient=True,
+                    code="Unavailable",
+                )
+        raise failure
