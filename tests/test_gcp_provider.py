@@ -281,7 +281,7 @@ def test_exchange_cached_per_identity_until_near_expiry(
     plan = provider.parse(secrets_param(item(f"{DB}/versions/1", "db")))
     ok(fetch_one(provider, plan, pod(gcp)))
     ok(fetch_one(provider, plan, pod(gcp)))  # same identity, a newer pod token: cache hit
-    assert len(gcp.state.sts_calls) == 1
+    assert len(gcp.state.sts_calls) == 1 and provider.broker.exchanges == 1
     # Another service account never gets the first one's token: it is exchanged separately and
     # the backend sees its own principal (which has no grant).
     other = fetch_one(provider, plan, pod(gcp, ksa="other"))
@@ -313,6 +313,15 @@ def test_impersonation_with_delegates_and_cache(gcp: GcpServers, provider: GcpPr
     assert body["delegates"] == ["projects/-/serviceAccounts/d1@p.iam.gserviceaccount.com"]
     ok(fetch_one(provider, plan, ident))
     assert (len(gcp.state.sts_calls), len(gcp.state.iam_calls)) == (1, 1)
+
+
+def test_impersonation_throttled_then_success(gcp: GcpServers, provider: GcpProvider) -> None:
+    gcp.allow_impersonation(GSA, "ns", "app")
+    gcp.bind(f"serviceAccount:{GSA}", DB)
+    gcp.state.iam_fail = [429, 500]
+    plan = provider.parse(secrets_param(item(f"{DB}/versions/1", "db")))
+    ok(fetch_one(provider, plan, pod(gcp, **{"iam.gke.io/gcp-service-account": GSA})))
+    assert len(gcp.state.iam_calls) == 3 and len(gcp.state.sts_calls) == 1
 
 
 def test_impersonation_denied(gcp: GcpServers, provider: GcpProvider) -> None:
