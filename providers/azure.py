@@ -14,6 +14,7 @@ applied at fetch, so a bad value is a FetchError, not a read error); ``render`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -98,10 +99,12 @@ class AzureProvider:
         """``environ`` (default ``os.environ``) holds the operator settings of
         :mod:`providers.azure_auth`; ``overrides`` replace single :class:`Settings` fields."""
         settings = Settings.from_env(os.environ if environ is None else environ)
-        self.settings = Settings(**{**settings.__dict__, **overrides})
-        # Credentials and clients per (vault+identity parameters, credential digest): tokens
-        # are reused until they expire and connections stay open between refreshes.
-        self._sessions: TTLCache[tuple[AzureAuth, str], Clients] = TTLCache(maxsize=64, ttl=3600)
+        self.settings = dataclasses.replace(settings, **overrides)
+        # Credentials and clients per (vault+identity parameters, credential digest): access
+        # tokens are reused and connections stay open between refreshes. 30 minutes: a cached
+        # credential must not outlive the pod token it holds as its assertion (the kubelet's are
+        # valid for an hour at least), so it never asks Entra ID with a stale one.
+        self._sessions: TTLCache[tuple[AzureAuth, str], Clients] = TTLCache(maxsize=64, ttl=1800)
         self._lock = threading.Lock()
 
     # --- parse ------------------------------------------------------------------------------
@@ -218,39 +221,47 @@ class AzureProvider:
         return versions
 
     def _fetch_one(self, clients: Clients, src: Source, version: str) -> Fetched:
-        try:
-            if src.type == "secret":
-                secret = clients.secrets.get_secret(src.name, version or None)
+        """One object version from the vault, converted to the file's bytes."""
+        ver = version or None
+        if src.type == "secret":
+            secret = clients.secrets.get_secret(src.name, ver)
+            props: Any = secret.properties
+
+            def convert() -> bytes:
                 text = secret.value or ""
-                if secret.properties.key_id:
-                    text = content.certificate_secret(
-                        text, secret.properties.content_type, src.format
-                    )
-                data = content.decode(text, src.encoding)
-                got = secret.properties.version
-            elif src.type == "key":
-                key = clients.keys.get_key(src.name, version or None)
-                jwk: Any = key.key  # JsonWebKey's fields are set dynamically
-                crv = str(jwk.crv) if jwk.crv else None
-                data = content.public_key_pem(
-                    str(jwk.kty), n=jwk.n, e=jwk.e, crv=crv, x=jwk.x, y=jwk.y
-                )
-                got = key.properties.version
+                if props.key_id:  # the secret of a certificate
+                    text = content.certificate_secret(text, props.content_type, src.format)
+                return content.decode(text, src.encoding)
+
+        elif src.type == "key":
+            key = clients.keys.get_key(src.name, ver)
+            props = key.properties
+            jwk: Any = key.key  # JsonWebKey's fields are set dynamically
+
+            def convert() -> bytes:
+                kty = _enum_text(jwk.kty) or ""
+                crv = _enum_text(jwk.crv)
+                return content.public_key_pem(kty, n=jwk.n, e=jwk.e, crv=crv, x=jwk.x, y=jwk.y)
+
+        else:
+            if ver:
+                cert = clients.certs.get_certificate_version(src.name, ver)
             else:
-                if version:
-                    cert = clients.certs.get_certificate_version(src.name, version)
-                else:
-                    cert = clients.certs.get_certificate(src.name)
+                cert = clients.certs.get_certificate(src.name)
+            props = cert.properties
+
+            def convert() -> bytes:
                 if not cert.cer:
                     raise ValueError("the certificate has no content")
-                data = content.certificate_pem(bytes(cert.cer))
-                got = cert.properties.version if cert.properties else None
-        except ValueError as exc:
-            if type(exc) is not ValueError:
-                raise  # azure-core's own ValueError subclasses are mapped by the caller
+                return content.certificate_pem(bytes(cert.cer))
+
+        try:
+            data = convert()
+        except ValueError as exc:  # our conversions word these without quoting content
             raise _Failed(str(exc), "BadContent") from None
+        got = getattr(props, "version", None) or version
         log.debug("fetched %s version %s", src.uid, got)
-        return Fetched(data, got or version)
+        return Fetched(data, got)
 
     def _mapped(self, exc: Exception, src: Source, auth: AzureAuth, m: Material) -> FetchError:
         """A FetchError for an SDK exception, with no token or secret in its message."""
@@ -312,8 +323,16 @@ class AzureProvider:
                 "Unavailable",
                 True,
             )
-        if isinstance(exc, ValueError):  # e.g. a challenge naming a resource the vault is not in
-            return _error(src, f"key vault {vault}: {detail}", "ChallengeRejected")
+        if isinstance(exc, ValueError) and "does not match the requested domain" in str(exc):
+            return _error(
+                src,
+                f"key vault {vault} asked for a token for a resource its host is not part of "
+                "(the challenge resource does not match the requested domain); no token was "
+                "sent. Check keyvaultName, cloudName or the custom cloud's keyVaultDNSSuffix",
+                "ChallengeRejected",
+            )
+        if isinstance(exc, ValueError):
+            return _error(src, f"key vault {vault}: {detail}", "BadResponse")
         log.warning("unexpected %s fetching %s from %s", type(exc).__name__, src.uid, vault)
         return _error(src, f"unexpected {type(exc).__name__} from the Azure SDK", "ProviderError")
 
@@ -326,6 +345,13 @@ def _detail(exc: Exception) -> str:
         return f"{code}: {message}"
     text = getattr(exc, "message", None) or str(exc)
     return str(text).splitlines()[0][:500] if text else type(exc).__name__
+
+
+def _enum_text(value: object) -> str | None:
+    """The wire text of an SDK enum member (or plain string)."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
 
 
 def _error(src: Source, message: str, code: str, transient: bool = False) -> FetchError:

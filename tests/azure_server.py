@@ -93,6 +93,7 @@ class AzureTestServer:
         self.tokens: dict[str, tuple[str, str, str]] = {}  # access token -> (tenant, client, scope)
         self._throttle = 0
         self.retry_after = "1"
+        self.challenge_resource = ""  # override the resource the 401 challenge names
         self._clock = itertools.count(1_700_000_000, 10)
         self.lock = threading.Lock()
 
@@ -225,7 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
         if grant is None or grant[0] != st.tenant or grant[2] != st.resource + "/.default":
             st.calls["challenge"] += 1
             challenge = (
-                f'Bearer authorization="{st.authority}{st.tenant}", resource="{st.resource}"'
+                f'Bearer authorization="{st.authority}{st.tenant}", '
+                f'resource="{st.challenge_resource or st.resource}"'
             )
             return self._kv_error(
                 401,
