@@ -1,0 +1,178 @@
+"""The TTL cache on trio's mock clock: freshness, staleness, single flight, failures, lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import pytest
+import trio
+import trio.testing
+
+from providers.base import FetchError, Fetched
+from secretfs.cache import SecretCache
+
+
+class Loader:
+    """A loader whose answers a test scripts; counts calls."""
+
+    def __init__(self, *answers: Fetched | FetchError, delay: float = 0.0) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+        self.delay = delay
+
+    async def __call__(self) -> Fetched:
+        self.calls += 1
+        if self.delay:
+            await trio.sleep(self.delay)
+        answer = self.answers[min(self.calls, len(self.answers)) - 1]
+        if isinstance(answer, FetchError):
+            raise answer
+        return answer
+
+
+V1 = Fetched(b"one", "1")
+V2 = Fetched(b"two", "2")
+DOWN = FetchError("db", "unreachable", transient=True)
+GONE = FetchError("db", "not found", transient=False)
+
+
+async def test_fresh_values_are_served_without_loading(autojump_clock: trio.abc.Clock) -> None:
+    cache = SecretCache(ttl=10, max_stale=100)
+    load = Loader(V1, V2)
+    assert await cache.get("k", load) == V1
+    await trio.sleep(9)
+    assert await cache.get("k", load) == V1
+    assert load.calls == 1
+    assert cache.stats.misses == 1 and cache.stats.hits == 1
+
+
+async def test_concurrent_misses_share_one_fetch(autojump_clock: trio.abc.Clock) -> None:
+    load = Loader(V1, delay=1)
+    results: list[Fetched] = []
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=100)
+        cache.start(n)
+
+        async def reader() -> None:
+            results.append(await cache.get("k", load))
+
+        for _ in range(20):
+            n.start_soon(reader)
+    assert results == [V1] * 20
+    assert load.calls == 1
+
+
+async def test_stale_value_is_served_while_one_refresh_runs(autojump_clock: trio.abc.Clock) -> None:
+    changed: list[Hashable] = []
+    load = Loader(V1, V2, delay=1)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=100, on_change=changed.append)
+        cache.start(n)
+        assert await cache.get("k", load) == V1
+        await trio.sleep(11)
+        # Stale: the old value at once, many times, and exactly one refresh behind it.
+        for _ in range(5):
+            assert await cache.get("k", load) == V1
+        await trio.sleep(2)
+        assert await cache.get("k", load) == V2
+        assert load.calls == 2
+        assert changed == ["k"]
+        n.cancel_scope.cancel()
+
+
+async def test_outage_serves_stale_until_max_stale_then_fails(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    load = Loader(V1, DOWN)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=60, on_change=None)
+        cache.start(n)
+        await cache.get("k", load)
+        for _ in range(4):
+            await trio.sleep(12)
+            assert await cache.get("k", load) == V1
+        await trio.sleep(20)  # now 68 s after the last good fetch
+        with pytest.raises(FetchError, match="unreachable"):
+            await cache.get("k", load)
+        n.cancel_scope.cancel()
+
+
+async def test_failed_refreshes_back_off(autojump_clock: trio.abc.Clock) -> None:
+    load = Loader(V1, DOWN)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=1, max_stale=1000)
+        cache.start(n)
+        await cache.get("k", load)
+        await trio.sleep(2)
+        # Hammer the stale key for 30 s: refreshes are spaced out by growing backoff.
+        for _ in range(300):
+            await cache.get("k", load)
+            await trio.sleep(0.1)
+        assert 4 <= load.calls <= 8
+        n.cancel_scope.cancel()
+
+
+async def test_permanent_error_drops_the_value(autojump_clock: trio.abc.Clock) -> None:
+    load = Loader(V1, GONE)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=1000)
+        cache.start(n)
+        await cache.get("k", load)
+        await trio.sleep(11)
+        assert await cache.get("k", load) == V1  # triggers the refresh that learns it is gone
+        await trio.sleep(1)
+        with pytest.raises(FetchError, match="not found"):
+            await cache.get("k", load)
+        n.cancel_scope.cancel()
+
+
+async def test_foreground_load_retries_transient_errors(autojump_clock: trio.abc.Clock) -> None:
+    cache = SecretCache(ttl=10, max_stale=100)
+    load = Loader(DOWN, DOWN, V1)
+    assert await cache.get("k", load) == V1
+    assert load.calls == 3
+    gone = Loader(GONE, V1)
+    with pytest.raises(FetchError):
+        await cache.get("other", gone)
+    assert gone.calls == 1  # a permanent answer is not retried
+
+
+async def test_dynamic_values_are_never_refreshed(autojump_clock: trio.abc.Clock) -> None:
+    load = Loader(V1, V2)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=1, max_stale=2)
+        cache.start(n)
+        assert await cache.get("d", load, dynamic=True) == V1
+        await trio.sleep(1000)
+        assert await cache.get("d", load, dynamic=True) == V1
+        assert load.calls == 1
+        n.cancel_scope.cancel()
+
+
+async def test_release_drops_values_no_volume_uses(autojump_clock: trio.abc.Clock) -> None:
+    cache = SecretCache(ttl=10, max_stale=100)
+    cache.retain(["a", "b"])
+    cache.retain(["a"])
+    cache.put("a", V1)
+    cache.put("b", V2)
+    cache.release(["a", "b"])
+    assert cache.peek("a") == V1 and cache.peek("b") is None
+    cache.release(["a"])
+    assert cache.peek("a") is None and len(cache) == 0
+
+
+async def test_same_version_is_not_a_change(autojump_clock: trio.abc.Clock) -> None:
+    changed: list[Hashable] = []
+    cache = SecretCache(ttl=10, max_stale=100, on_change=changed.append)
+    cache.put("k", V1)
+    cache.put("k", Fetched(b"one", "1"))
+    assert changed == []
+    cache.put("k", Fetched(b"one!", "1"))  # same version label, other bytes: still a change
+    assert changed == ["k"]
+
+
+def test_ttl_and_max_stale_are_checked() -> None:
+    with pytest.raises(ValueError):
+        SecretCache(ttl=0, max_stale=10)
+    with pytest.raises(ValueError):
+        SecretCache(ttl=10, max_stale=5)

@@ -1,0 +1,251 @@
+"""FUSE handlers called directly, without the kernel, over a fake provider."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+import providers
+from providers.base import AMBIENT, FetchError, Identity
+from secretfs.fs import SecretFS
+from secretfs.tree import ROOT_INODE
+from secretfs.volumes import VolumeError, Volumes
+from tests.fake_provider import FakeProvider
+
+CTX = pyfuse3.RequestContext()
+OBJECTS = """
+- name: db
+- name: api
+  path: app/api-key
+  mode: "0640"
+"""
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProvider]:
+    prov = FakeProvider()
+    monkeypatch.setitem(providers.REGISTRY, "fake", "tests.fake_provider:FakeProvider")
+    monkeypatch.setitem(providers._instances, "fake", prov)
+    prov.set("db", b"password-1")
+    prov.set("api", b"key-1")
+    yield prov
+
+
+@pytest.fixture
+async def fs(fake: FakeProvider) -> AsyncIterator[SecretFS]:
+    async with trio.open_nursery() as n:
+        vols = Volumes(ttl=10, max_stale=100)
+        vols.start(n)
+        plan = fake.parse({"objects": OBJECTS})
+        await vols.add("v", plan, AMBIENT, uid=7, gid=8, at_root=True)
+        yield SecretFS(vols)
+        n.cancel_scope.cancel()
+
+
+async def ino(fs: SecretFS, path: str) -> int:
+    cur = ROOT_INODE
+    for part in path.split("/"):
+        cur = (await fs.lookup(cur, part.encode(), CTX)).st_ino
+    return cur
+
+
+async def read_all(fs: SecretFS, inode: int) -> bytes:
+    fi = await fs.open(inode, os.O_RDONLY, CTX)
+    try:
+        return await fs.read(fi.fh, 0, 1 << 20)
+    finally:
+        await fs.release(fi.fh)
+
+
+async def test_lookup_getattr_and_read(fs: SecretFS) -> None:
+    db = await ino(fs, "db")
+    attrs = await fs.getattr(db, CTX)
+    assert stat.S_ISREG(attrs.st_mode) and stat.S_IMODE(attrs.st_mode) == 0o644
+    assert (attrs.st_uid, attrs.st_gid, attrs.st_size) == (7, 8, len(b"password-1"))
+    assert await read_all(fs, db) == b"password-1"
+    api = await ino(fs, "app/api-key")
+    assert stat.S_IMODE((await fs.getattr(api, CTX)).st_mode) == 0o640
+    app = await ino(fs, "app")
+    assert stat.S_ISDIR((await fs.getattr(app, CTX)).st_mode)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.lookup(ROOT_INODE, b"nope", CTX)
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.getattr(99999, CTX)
+    assert exc.value.errno == errno.ENOENT
+
+
+async def test_reads_slice_the_snapshot(fs: SecretFS) -> None:
+    db = await ino(fs, "db")
+    fi = await fs.open(db, os.O_RDONLY, CTX)
+    assert await fs.read(fi.fh, 3, 4) == b"swor"
+    assert await fs.read(fi.fh, 100, 4) == b""
+    await fs.release(fi.fh)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.read(fi.fh, 0, 1)
+    assert exc.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC])
+async def test_open_for_writing_is_erofs(fs: SecretFS, flags: int) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.open(await ino(fs, "db"), flags, CTX)
+    assert exc.value.errno == errno.EROFS
+
+
+async def test_every_write_handler_is_erofs(fs: SecretFS) -> None:
+    db = await ino(fs, "db")
+    calls = [
+        fs.setattr(db, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None, CTX),
+        fs.mknod(ROOT_INODE, b"n", 0o644, 0, CTX),
+        fs.mkdir(ROOT_INODE, b"d", 0o755, CTX),
+        fs.unlink(ROOT_INODE, b"db", CTX),
+        fs.rmdir(ROOT_INODE, b"app", CTX),
+        fs.symlink(ROOT_INODE, b"l", b"db", CTX),
+        fs.rename(ROOT_INODE, b"db", ROOT_INODE, b"x", 0, CTX),
+        fs.link(db, ROOT_INODE, b"h", CTX),
+        fs.write(1, 0, b"x"),
+        fs.create(ROOT_INODE, b"c", 0o644, os.O_WRONLY, CTX),
+        fs.setxattr(db, b"user.a", b"1", CTX),
+        fs.removexattr(db, b"user.a", CTX),
+    ]
+    for call in calls:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await call
+        assert exc.value.errno == errno.EROFS
+
+
+async def test_open_a_directory_or_missing_inode(fs: SecretFS) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.open(await ino(fs, "app"), os.O_RDONLY, CTX)
+    assert exc.value.errno == errno.EISDIR
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.open(4242, os.O_RDONLY, CTX)
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.opendir(await ino(fs, "db"), CTX)
+    assert exc.value.errno == errno.ENOTDIR
+
+
+@pytest.mark.expect_errors
+async def test_unexpected_exceptions_become_eio(
+    fs: SecretFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "the-" + "secret-value"
+
+    async def boom(inode: int) -> None:
+        raise KeyError(secret)
+
+    monkeypatch.setattr(fs.volumes, "content", boom)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.open(await ino(fs, "db"), os.O_RDONLY, CTX)
+    assert exc.value.errno == errno.EIO
+    # Logged with its type, never with its message (which could quote data).
+    assert "KeyError" in caplog.text
+    assert "the-secret-value" not in caplog.text
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_fetch_failure_is_eio_with_cause_logged(
+    fs: SecretFS,
+    fake: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.rate = 1
+    db = await ino(fs, "db")
+    fake.fail["db"] = FetchError("db", "backend unreachable", transient=True)
+    mock_clock.jump(101)  # past max_stale: nothing left to serve
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await fs.open(db, os.O_RDONLY, CTX)
+    assert exc.value.errno == errno.EIO
+    assert "backend unreachable" in caplog.text
+
+
+async def test_handles_of_two_versions_never_share_the_page_cache(
+    fs: SecretFS, fake: FakeProvider, mock_clock: trio.testing.MockClock
+) -> None:
+    mock_clock.rate = 1
+    db = await ino(fs, "db")
+    await fs.getattr(db, CTX)  # the kernel learns v1's size
+    first = await fs.open(db, os.O_RDONLY, CTX)
+    assert not first.direct_io
+    fake.set("db", b"password-2-longer")
+    mock_clock.jump(11)
+    assert await read_all(fs, db) == b"password-1"  # stale: served, and a refresh starts
+    await until(lambda: fake.calls["db"] == 2 and not fs.volumes.cache._inflight)
+    second = await fs.open(db, os.O_RDONLY, CTX)
+    assert await fs.read(second.fh, 0, 100) == b"password-2-longer"
+    # v1 is still open: v2 must bypass the page cache, and getattr covers both sizes.
+    assert second.direct_io
+    assert (await fs.getattr(db, CTX)).st_size == len(b"password-2-longer")
+    assert await fs.read(first.fh, 0, 100) == b"password-1"
+    await fs.release(first.fh)
+    await fs.release(second.fh)
+    # All old handles gone and the kernel told v2's size: back to the page cache, which must be
+    # dropped once (keep_cache false) because it may hold v1's pages.
+    await fs.getattr(db, CTX)
+    third = await fs.open(db, os.O_RDONLY, CTX)
+    assert not third.direct_io and not third.keep_cache
+    fourth = await fs.open(db, os.O_RDONLY, CTX)
+    assert not fourth.direct_io and fourth.keep_cache
+
+
+async def test_mount_time_fetch_failure_names_the_object(fake: FakeProvider) -> None:
+    async with trio.open_nursery() as n:
+        vols = Volumes(ttl=10, max_stale=100)
+        vols.start(n)
+        plan = fake.parse({"objects": "- name: db\n- name: missing\n"})
+        with pytest.raises(VolumeError, match="'missing'.*not found"):
+            await vols.add("v", plan, AMBIENT, uid=0, gid=0)
+        assert vols.volumes == {} and len(vols.tree.nodes) == 1
+        n.cancel_scope.cancel()
+
+
+async def test_identity_is_part_of_the_cache_key(fake: FakeProvider) -> None:
+    async with trio.open_nursery() as n:
+        vols = Volumes(ttl=10, max_stale=100)
+        vols.start(n)
+        plan = fake.parse({"objects": "- name: db\n"})
+        alice = Identity(namespace="ns", service_account="alice")
+        bob = Identity(namespace="ns", service_account="bob")
+        await vols.add("a1", plan, alice, uid=0, gid=0)
+        await vols.add("a2", plan, alice, uid=0, gid=0)
+        await vols.add("b1", plan, bob, uid=0, gid=0)
+        keys = {vols.volumes[v].keys[plan.files[0]] for v in ("a1", "a2", "b1")}
+        assert len(keys) == 2
+        # Volumes of one identity share the value; dropping one keeps it for the other.
+        await vols.remove("a1")
+        assert vols.cache.peek(vols.volumes["a2"].keys[plan.files[0]]) is not None
+        await vols.remove("a2")
+        await vols.remove("b1")
+        assert len(vols.cache) == 0
+        n.cancel_scope.cancel()
+
+
+async def test_dynamic_sources_belong_to_one_volume(fake: FakeProvider) -> None:
+    async with trio.open_nursery() as n:
+        vols = Volumes(ttl=10, max_stale=100)
+        vols.start(n)
+        plan = fake.parse({"objects": "- name: creds\n  dynamic: true\n"})
+        fake.set("creds", b"user-1")
+        await vols.add("a", plan, AMBIENT, uid=0, gid=0)
+        fake.set("creds", b"user-2")
+        await vols.add("b", plan, AMBIENT, uid=0, gid=0)
+        ka, kb = (vols.volumes[v].keys[plan.files[0]] for v in "ab")
+        assert ka != kb
+        assert vols.cache.peek(ka, dynamic=True).data == b"user-1"  # type: ignore[union-attr]
+        assert vols.cache.peek(kb, dynamic=True).data == b"user-2"  # type: ignore[union-attr]
+        n.cancel_scope.cancel()
