@@ -164,9 +164,9 @@ class AzureProvider:
                         raise found
                     if src.entry >= len(found):
                         raise _Failed(
+                            f"objectVersionHistory asks for entry {src.entry} but "
                             f"{_KIND[src.type]} {src.name!r} has {len(found)} enabled version(s) "
-                            f"from the one asked for; objectVersionHistory asks for entry "
-                            f"{src.entry}",
+                            "from the one asked for; lower objectVersionHistory",
                             "NoSuchVersion",
                         )
                     version = found[src.entry]
@@ -207,7 +207,8 @@ class AzureProvider:
             ]
         except ResourceNotFoundError:
             what = f"{_KIND[src.type]} {src.name!r}"
-            raise _Failed(f"{what} not found in the vault", "NotFound") from None
+            vault = clients.secrets.vault_url
+            raise _Failed(f"{what} not found in key vault {vault}", "NotFound") from None
         found.sort(key=lambda cv: cv[0], reverse=True)  # stable: equal times keep list order
         versions = [v for _, v in found]
         if src.version:

@@ -233,12 +233,16 @@ def parse_tenant(parameters: Mapping[str, str], problems: list[Problem]) -> str:
 
 
 def load_objects(raw: str, problems: list[Problem]) -> list[dict[str, Any]]:
-    """The ``objects`` parameter as a list of mappings (one per element)."""
+    """The ``objects`` parameter as a list of mappings (one per element).
+
+    Scalars stay text, as upstream's Go structs read them: ``objectVersion: 0123`` is "0123" and
+    ``filePermission: 644`` is octal 644 (YAML 1.1 resolution would make them numbers).
+    """
     if not raw.strip():
         problems.append(Problem(None, "objects", "required: an 'array:' of objects to mount"))
         return []
     try:
-        doc = yaml.safe_load(raw)
+        doc = yaml.load(raw, Loader=yaml.BaseLoader)
     except yaml.YAMLError as exc:
         problems.append(Problem(None, "objects", f"is not valid YAML: {_yaml_where(exc)}"))
         return []
@@ -257,7 +261,7 @@ def load_objects(raw: str, problems: list[Problem]) -> list[dict[str, Any]]:
         where = f"objects[{i}]"
         if isinstance(elem, str):
             try:
-                elem = yaml.safe_load(elem)
+                elem = yaml.load(elem, Loader=yaml.BaseLoader)
             except yaml.YAMLError as exc:
                 problems.append(Problem(where, "objects", f"is not valid YAML: {_yaml_where(exc)}"))
                 continue

@@ -402,10 +402,17 @@ def test_objects_forms_and_errors() -> None:
     assert [f.path for f in plan.files] == ["a"]
     upstream_style = (
         "array:\n  - |\n    objectName: a\n    objectType: secret\n    objectAlias: x\n"
-        '  - |\n    objectName: b\n    objectType: key\n    objectVersion: ""\n'
+        "    filePermission: 640\n    objectVersionHistory: 0\n"
+        "  - |\n    objectName: b\n    objectType: key\n    objectVersion: 0123\n"
+        '  - |\n    objectName: c\n    objectType: cert\n    objectVersion: ""\n'
     )
     plan = prov.parse(params(cloudName=None, objects=upstream_style))
-    assert [(f.path, f.object_name) for f in plan.files] == [("x", "secret/a"), ("b", "key/b")]
+    # Scalars are read as text, like upstream's Go structs: 640 is octal, 0123 a version id.
+    assert [(f.path, f.object_name, f.mode, f.source.version) for f in plan.files] == [  # type: ignore[attr-defined]
+        ("x", "secret/a", 0o640, ""),
+        ("b", "key/b", 0o644, "0123"),
+        ("c", "cert/c", 0o644, ""),
+    ]
     for text, msg in [
         ("", "required"),
         ("array: [", "not valid YAML"),
