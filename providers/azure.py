@@ -22,13 +22,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from azure.core.exceptions import (
-    ClientAuthenticationError,
-    HttpResponseError,
-    ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
+from azure.core.exceptions import ResourceNotFoundError
 from cachetools import TTLCache
 
 from providers import azure_content as content
@@ -41,6 +35,7 @@ from providers.azure_auth import (
     build_clients,
     material_for,
 )
+from providers.azure_errors import map_error
 from providers.azure_params import (
     AzureObject,
     identity_mode_problems,
@@ -266,86 +261,11 @@ class AzureProvider:
 
     def _mapped(self, exc: Exception, src: Source, auth: AzureAuth, m: Material) -> FetchError:
         """A FetchError for an SDK exception, with no token or secret in its message."""
-        what = f"{_KIND[src.type]} {src.name!r}" + (
-            f" version {src.version!r}" if src.version else ""
-        )
-        vault = auth.vault_url
-        status = getattr(exc, "status_code", None)
-        response = getattr(exc, "response", None)
-        from_vault = response is not None and str(getattr(response.request, "url", "")).startswith(
-            vault.rstrip("/")
-        )
-        detail = m.redact(_detail(exc))
-        if isinstance(exc, ClientAuthenticationError) and not from_vault:
-            transient = status is not None and (status >= 500 or status == 429)
-            hint = ""
-            if m.mode in ("workload-identity", "standalone-federated"):
-                hint = (
-                    "; check the federated identity credential of the client (issuer = the "
-                    "cluster's OIDC issuer, subject = system:serviceaccount:<namespace>:<name>, "
-                    "audience = api://AzureADTokenExchange)"
-                )
-            return _error(
-                src,
-                f"Entra ID ({auth.authority}) refused a token to the {m.describe(auth)}: "
-                f"{detail}{hint}",
-                "Unavailable" if transient else "AccessDenied",
-                transient,
-            )
-        if isinstance(exc, ResourceNotFoundError):
-            return _error(src, f"{what} not found in key vault {vault}: {detail}", "NotFound")
-        if isinstance(exc, HttpResponseError) and status is not None:
-            if status == 429:
-                return _error(
-                    src,
-                    f"key vault {vault} is throttling requests (429) after "
-                    "retries; try again later",
-                    "Throttled",
-                    True,
-                )
-            if status >= 500 or status == 408:
-                return _error(
-                    src, f"key vault {vault} answered {status}: {detail}", "Unavailable", True
-                )
-            if status in (401, 403):
-                return _error(
-                    src,
-                    f"access to {what} denied by key vault {vault} to the {m.describe(auth)}: "
-                    f"{detail}",
-                    "AccessDenied",
-                )
-            return _error(
-                src, f"key vault {vault} refused {what} ({status}): {detail}", "BadRequest"
-            )
-        if isinstance(exc, ServiceRequestError | ServiceResponseError):
-            return _error(
-                src,
-                f"cannot reach {vault} or {auth.authority}: {type(exc).__name__}: {detail}",
-                "Unavailable",
-                True,
-            )
-        if isinstance(exc, ValueError) and "does not match the requested domain" in str(exc):
-            return _error(
-                src,
-                f"key vault {vault} asked for a token for a resource its host is not part of "
-                "(the challenge resource does not match the requested domain); no token was "
-                "sent. Check keyvaultName, cloudName or the custom cloud's keyVaultDNSSuffix",
-                "ChallengeRejected",
-            )
-        if isinstance(exc, ValueError):
-            return _error(src, f"key vault {vault}: {detail}", "BadResponse")
-        log.warning("unexpected %s fetching %s from %s", type(exc).__name__, src.uid, vault)
-        return _error(src, f"unexpected {type(exc).__name__} from the Azure SDK", "ProviderError")
-
-
-def _detail(exc: Exception) -> str:
-    """The service's own error code and message, without the SDK's long preamble."""
-    err = getattr(exc, "error", None)
-    code, message = getattr(err, "code", None), getattr(err, "message", None)
-    if code and message:
-        return f"{code}: {message}"
-    text = getattr(exc, "message", None) or str(exc)
-    return str(text).splitlines()[0][:500] if text else type(exc).__name__
+        what = f"{_KIND[src.type]} {src.name!r}"
+        if src.version:
+            what += f" version {src.version!r}"
+        mapped = map_error(exc, what, src.uid, auth, m)
+        return _error(src, mapped.message, mapped.code, mapped.transient)
 
 
 def _enum_text(value: object) -> str | None:

@@ -13,6 +13,7 @@ Start it with :func:`serve` (a context manager)::
         srv.add_app(client_id, client_secret)              # a service principal
         srv.allow("kv-test", client_id)                    # access policy
         srv.throttle(n, retry_after="1")                   # next n vault calls answer 429 (-1: all)
+        srv.token_outage = True; srv.challenge_resource = "https://x"  # more failure knobs
         srv.calls["get_secret"], srv.token_requests         # counters and recorded token forms
 
 Key Vault: ``GET /{secrets,keys,certificates}/{name}[/{version}]`` and ``.../versions`` (paged
@@ -94,6 +95,7 @@ class AzureTestServer:
         self._throttle = 0
         self.retry_after = "1"
         self.challenge_resource = ""  # override the resource the 401 challenge names
+        self.token_outage = False  # the token endpoint answers 503
         self._clock = itertools.count(1_700_000_000, 10)
         self.lock = threading.Lock()
 
@@ -345,6 +347,15 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[1:] != ["oauth2", "v2.0", "token"]:
             return self._send(404, {"error": "not_found"})
         st.calls["token"] += 1
+        if st.token_outage:
+            return self._send(
+                503,
+                {
+                    "error": "temporarily_unavailable",
+                    "error_description": "AADSTS90033: A transient error has "
+                    "occurred. Please try again.",
+                },
+            )
         tenant = parts[0]
         st.token_requests.append({"tenant": tenant, **form})
 

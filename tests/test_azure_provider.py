@@ -696,6 +696,7 @@ def test_version_history_files(kv: KV, chain: Chain) -> None:
     assert res["s/0"].data == b"b" and res["s/1"].data == b"a"  # type: ignore[union-attr]
     err = res["s/2"]
     assert isinstance(err, FetchError) and err.code == "NoSuchVersion" and err.obj == "secret/s/2"
+    assert "has 2 enabled version(s)" in str(err) and "lower objectVersionHistory" in str(err)
     res = kv.fetch(
         params(
             {
@@ -832,7 +833,15 @@ def test_unknown_app_and_wrong_tenant(kv: KV) -> None:
     assert err.code == "AccessDenied" and "AADSTS700016" in str(err)
     # The vault's challenge names tenant-1; the SPC says another tenant.
     err = kv.error(params({"objectName": "s", "objectType": "secret"}, tenantID="tenant-2"))
-    assert err.code == "AccessDenied" and "tenant-1" in str(err)
+    assert err.code == "AccessDenied" and not err.transient
+    assert "belongs to tenant 'tenant-1'" in str(err) and "set tenantID" in str(err)
+
+
+def test_entra_outage_is_transient(kv: KV) -> None:
+    kv.srv.token_outage = True
+    err = kv.error(params({"objectName": "s", "objectType": "secret"}))
+    assert err.code == "Unavailable" and err.transient
+    assert "AADSTS90033" in str(err)
 
 
 @pytest.mark.parametrize(
