@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import stat
@@ -12,9 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from providers.base import ParameterError
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
+from secretfs.logs import setup_logging
 
 def _octal(text: str) -> int:
     return int(text, 8)
@@ -30,6 +27,7 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attr-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument(
         "--audit", action="store_true", help="log every open: path, uid, gid, pid and version"
     )
@@ -123,7 +121,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         lock_memory=not args.no_mlock,
         revoke_leases=args.revoke_leases,
     )
-    logging.getLogger("secretfs.audit").setLevel(logging.INFO if args.audit else logging.WARNING)
 
     def ready(error: str | None) -> None:
         if error is not None:
@@ -172,7 +169,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format=LOG_FORMAT)
+    setup_logging(
+        getattr(args, "log_level", "WARNING"),
+        getattr(args, "log_format", "text"),
+        audit=getattr(args, "audit", False),
+    )
     if args.command == "check":
         return cmd_check(args)
     if args.command == "mount":

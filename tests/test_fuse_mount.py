@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from tests.moto_server import FAKE_KEYS, _answers, _free_port
-from tests.mounting import ROOT, MountFailed, is_mounted, mounted, needs_fuse, wait_for
+from tests.mounting import ROOT, Mount, MountFailed, is_mounted, mounted, needs_fuse, wait_for
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -49,6 +49,15 @@ def ssm(env: dict[str, str]) -> Any:
 
 
 DB = '- objectName: "MyDatabasePassword"\n  objectType: "secretsmanager"'
+
+
+def eio(m: Mount, name: str) -> bool:
+    """True if reading ``name`` fails with EIO right now."""
+    try:
+        m.read(name)
+    except OSError as exc:
+        return exc.errno == errno.EIO
+    return False
 
 
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[bytes]:
@@ -215,14 +224,7 @@ def test_backend_down_serves_stale_then_eio(tmp_path: Path, monkeypatch: pytest.
             # Past the TTL, the backend is down: the last good value is still served.
             assert m.read("MyDatabasePassword") == b"still-here"
             # Past max staleness: EIO, and the cause is in the log.
-            def eio() -> bool:
-                try:
-                    m.read("MyDatabasePassword")
-                except OSError as exc:
-                    return exc.errno == errno.EIO
-                return False
-
-            assert wait_for(eio, timeout=20)
+            assert wait_for(lambda: eio(m, "MyDatabasePassword"), timeout=20)
             assert is_mounted(m.path)
             assert "Could not connect" in m.log() or "unreachable" in m.log().lower()
             assert "still-here" not in m.log()
@@ -302,3 +304,57 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
     assert wait_for(lambda: not is_mounted(tmp_path / "mnt"))
+
+
+def test_secret_values_never_reach_the_log(aws_env: dict[str, str], tmp_path: Path) -> None:
+    client = sm(aws_env)
+    v1, v2 = "first-Sup3rS3cret-value", "second-Sup3rS3cret-value"
+    client.create_secret(Name="MyDatabasePassword", SecretString=v1)
+    client.create_secret(Name="json", SecretString='{"user": "json-Sup3rS3cret-user"}')
+    objects = [
+        DB,
+        '- objectName: "json"\n  objectType: "secretsmanager"\n'
+        '  jmesPath:\n    - path: "user"\n      objectAlias: "user"',
+    ]
+    with mounted(spc(*objects), tmp_path, "--ttl", "1", "--log-level", "DEBUG", "--audit") as m:
+        assert m.read("MyDatabasePassword") == v1.encode()
+        assert m.read("user") == b"json-Sup3rS3cret-user"
+        client.put_secret_value(SecretId="MyDatabasePassword", SecretString=v2)
+        assert wait_for(lambda: m.read("MyDatabasePassword") == v2.encode())
+        client.put_secret_value(SecretId="json", SecretString="not json any more")
+        client.delete_secret(SecretId="MyDatabasePassword", ForceDeleteWithoutRecovery=True)
+
+        # A deleted secret stops being served within a TTL (not after max staleness), and a
+        # value the jmesPath no longer fits is an EIO with the cause logged.
+        assert wait_for(lambda: eio(m, "MyDatabasePassword"))
+        assert wait_for(lambda: eio(m, "user"))
+        log = m.log()
+    assert "open volume=standalone path=MyDatabasePassword" in log  # the audit trail is there
+    assert "Sup3rS3cret" not in log
+    assert "not json any more" not in log
+
+
+def test_the_daemon_is_hardened(aws_env: dict[str, str], tmp_path: Path) -> None:
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="pw")
+    spc_file = tmp_path / "spc.yaml"
+    spc_file.write_text(spc(DB))
+    (tmp_path / "mnt").mkdir()
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secretfs", "mount", str(spc_file), str(tmp_path / "mnt"),
+         "--foreground", "--ready-fd", str(w), "--log-level", "WARNING"],
+        pass_fds=(w,), cwd=ROOT,
+    )
+    os.close(w)
+    try:
+        assert os.read(r, 100).strip() == b"ok"
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"]
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        locked_kb = int(next(x for x in status.splitlines() if x.startswith("VmLck")).split()[1])
+        assert locked_kb > 0  # running as root here, so mlockall is allowed
+    finally:
+        os.close(r)
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+        proc.wait(20)
