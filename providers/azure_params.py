@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,7 +349,7 @@ def parse_object(
     return AzureObject(name, otype, alias, version, history, fmt, encoding or "utf-8", mode)
 
 
-def _parse_history(value: object, bad: Any) -> int:
+def _parse_history(value: object, bad: Callable[[str, str], None]) -> int:
     if value is None or value == "":
         return 0
     if isinstance(value, bool) or not (
