@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -647,10 +648,16 @@ def test_jmespath_render(aws_env: dict[str, str]) -> None:
 WEST = "us-west-2"
 
 
-class _Down(BaseHTTPRequestHandler):
+class _AwsError(BaseHTTPRequestHandler):
+    """Answers every AWS JSON-protocol call with one error (status, __type), as AWS would."""
+
+    status = 503
+    kind = "InternalServiceError"
+
     def _fail(self) -> None:
-        body = b'{"__type": "InternalServiceError", "message": "region is down"}'
-        self.send_response(503)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"__type": self.kind, "message": f"fake {self.kind}"}).encode()
+        self.send_response(self.status)
         self.send_header("Content-Type", "application/x-amz-json-1.1")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -662,16 +669,25 @@ class _Down(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def error_server(status: int, kind: str) -> Iterator[str]:
+    handler = type("Handler", (_AwsError,), {"status": status, "kind": kind})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join()
+
+
 @pytest.fixture
 def down_url() -> Iterator[str]:
     """A 127.0.0.1 endpoint answering 503 to everything: an AWS region in an outage."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Down)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-    t.join()
+    with error_server(503, "InternalServiceError") as url:
+        yield url
 
 
 def route(provider: AwsProvider, region: str, endpoint: str) -> None:
@@ -681,7 +697,9 @@ def route(provider: AwsProvider, region: str, endpoint: str) -> None:
     def routed(service: str, reg: str, creds: Any) -> Any:
         if reg != region:
             return real(service, reg, creds)
-        cfg = Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1})
+        cfg = Config(
+            connect_timeout=2, read_timeout=2, retries={"mode": "standard", "total_max_attempts": 1}
+        )
         return boto3.client(  # type: ignore[call-overload]
             service, region_name=reg, endpoint_url=endpoint, config=cfg
         )
@@ -973,3 +991,69 @@ def test_secret_never_in_errors_or_logs(
     for blob in [*texts, caplog.text]:
         assert SECRET not in blob
         assert binary.decode() not in blob
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code", "transient"),
+    [
+        (400, "AccessDeniedException", "AccessDenied", False),
+        (400, "UnrecognizedClientException", "AccessDenied", False),
+        (400, "ExpiredTokenException", "AccessDenied", False),
+        (400, "ThrottlingException", "Throttled", True),
+        (429, "TooManyRequestsException", "Throttled", True),
+        (500, "InternalServiceError", "Unavailable", True),
+        (400, "ValidationException", "BadRequest", False),
+    ],
+)
+def test_aws_errors_are_classified(
+    aws_env: dict[str, str], status: int, kind: str, code: str, transient: bool
+) -> None:
+    params = {
+        "objects": objects(
+            {"objectName": "s", "objectType": "secretsmanager"},
+            {"objectName": "p", "objectType": "ssmparameter"},
+        )
+    }
+    with error_server(status, kind) as url:
+        p = AwsProvider()
+        route(p, "us-east-1", url)
+        files = mount(p, params)
+    for err in files.values():
+        assert isinstance(err, FetchError)
+        assert (err.code, err.transient) == (code, transient), err
+        assert kind in str(err) and "us-east-1" in str(err)
+
+
+def test_connection_refused_is_transient(aws_env: dict[str, str], closed_url: str) -> None:
+    p = AwsProvider()
+    route(p, "us-east-1", closed_url)
+    files = mount(p, {"objects": objects({"objectName": "s", "objectType": "secretsmanager"})})
+    err = files["s"]
+    assert isinstance(err, FetchError) and err.transient and err.code == "Unavailable"
+
+
+def test_concurrent_fetches_share_clients_and_one_sts_call(aws_env: dict[str, str]) -> None:
+    sm = client(aws_env, "secretsmanager")
+    for i in range(8):
+        sm.create_secret(Name=f"s{i}", SecretString=f"v{i}")
+    p = AwsProvider()
+    seen = spy_creds(p)
+    ident = pod({"sts.amazonaws.com": JWT}, {aws_auth.IRSA_ROLE_ANNOTATION: ROLE})
+    results: dict[int, dict[str, bytes | FetchError]] = {}
+    barrier = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        objs = objects({"objectName": f"s{i}", "objectType": "secretsmanager"})
+        results[i] = mount(p, {"objects": objs}, ident)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: {f"s{i}": f"v{i}".encode()} for i in range(8)}
+    assert [s for s, _, _ in seen].count("sts") == 1
+    creds = {c for s, _, c in seen if s == "secretsmanager"}
+    assert len(creds) == 1 and None not in creds
+    assert len(p._clients._clients) == 2  # one STS client, one Secrets Manager client
