@@ -5,9 +5,10 @@ inside some keys) into a :class:`Plan`: the files of the volume, each naming the
 is read from. The daemon then asks the provider to fetch sources, with the caller's
 :class:`Identity`, and caches what comes back.
 
-Providers are plain synchronous code: no trio, no FUSE, no gRPC. The daemon calls ``fetch_sync`` in a
-worker thread under a per-provider concurrency limit, so every blocking SDK call here must carry its
-own timeout (cancellation cannot interrupt a thread).
+Providers are plain synchronous code: no trio, no FUSE, no gRPC servers (an SDK may use gRPC as its
+transport). The daemon calls ``fetch_sync`` in a worker thread under a per-provider concurrency
+limit, so every blocking SDK call here must carry its own timeout (cancellation cannot interrupt a
+thread).
 
 Nothing raised from here may carry secret bytes or tokens in its message: messages are logged and
 shown to users (``FailedMount`` events, the ``mount`` command's error).
@@ -264,7 +265,7 @@ def parse_mode(value: object, obj: str | None, fld: str, problems: list[Problem]
     """A file mode given as an octal string ("0640", "640", "0o640") or a YAML int (decimal 0-511,
     which is also what YAML makes of an unquoted 0640)."""
     if isinstance(value, bool):
-        problems.append(Problem(obj, fld, "must be an octal mode such as \"0640\""))
+        problems.append(Problem(obj, fld, 'must be an octal mode such as "0640"'))
         return None
     if isinstance(value, int):
         if 0 <= value <= 0o777:
@@ -273,7 +274,7 @@ def parse_mode(value: object, obj: str | None, fld: str, problems: list[Problem]
         return None
     if isinstance(value, str) and _OCTAL.match(value.strip()):
         return int(value.strip().removeprefix("0o"), 8)
-    problems.append(Problem(obj, fld, f"{value!r} is not an octal mode such as \"0640\""))
+    problems.append(Problem(obj, fld, f'{value!r} is not an octal mode such as "0640"'))
     return None
 
 

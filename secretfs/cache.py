@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cachetools
 import trio
 
-from providers.base import FetchError, Fetched
+from providers.base import Fetched, FetchError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SecretCache:
         """Background refreshes run in ``nursery`` (tied to the daemon's lifetime)."""
         self._nursery = nursery
 
-    # --- lifetime of values -----------------------------------------------------------------------
+    # --- lifetime of values -------------------------------------------------------------------
 
     def retain(self, keys: Iterable[Hashable]) -> None:
         for k in keys:
@@ -120,7 +120,7 @@ class SecretCache:
     def __len__(self) -> int:
         return len(self._static) + len(self._dynamic)
 
-    # --- reads --------------------------------------------------------------------------------------
+    # --- reads --------------------------------------------------------------------------------
 
     def peek(self, key: Hashable, *, dynamic: bool = False) -> Fetched | None:
         """The servable value, without waiting; starts a refresh when it is stale."""
@@ -152,7 +152,7 @@ class SecretCache:
             await trio.sleep(_backoff(attempt) / 4)
         raise self._errors.get(key) or FetchError("?", "no value", transient=True)
 
-    # --- internals ----------------------------------------------------------------------------------
+    # --- internals ----------------------------------------------------------------------------
 
     def _store(self, key: Hashable, value: Fetched, dynamic: bool) -> None:
         table: cachetools.TTLCache[Hashable, _Entry] | dict[Hashable, _Entry]

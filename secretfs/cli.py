@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from providers.base import ParameterError
 from secretfs.logs import setup_logging
 
+
 def _octal(text: str) -> int:
     return int(text, 8)
 
@@ -130,7 +131,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.close(args.ready_fd)
         if args.detach and error is None:
             # Let go of the terminal (or a caller's pipes) now that the mount is up.
-            target = os.open(args.log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            target = os.open(
+                args.log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+            )
             os.dup2(target, 1)
             os.dup2(target, 2)
             os.close(target)
@@ -147,9 +150,7 @@ def _mount_in_background(args: argparse.Namespace) -> int:
     r, w = os.pipe()
     argv = [sys.executable, "-m", "secretfs", *sys.argv[1:], "--foreground", "--detach"]
     argv += ["--ready-fd", str(w)]
-    proc = subprocess.Popen(
-        argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         answer = pipe.read().decode(errors="replace").strip()

@@ -20,7 +20,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -57,7 +56,9 @@ def guarded(fn: F) -> F:
             raise
         except Exception as exc:
             frames = "".join(traceback.format_tb(exc.__traceback__))
-            log.error("%s failed with %s; answering EIO\n%s", fn.__name__, type(exc).__name__, frames)
+            log.error(
+                "%s failed with %s; answering EIO\n%s", fn.__name__, type(exc).__name__, frames
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
@@ -100,7 +101,7 @@ class SecretFS(pyfuse3.Operations):
         """Kernel invalidations are sent from ``nursery`` (only once the filesystem is mounted)."""
         self._nursery = nursery
 
-    # --- names and attributes -----------------------------------------------------------------------
+    # --- names and attributes -----------------------------------------------------------------
 
     def _node(self, inode: int) -> Node:
         node = self.tree.get(inode)
@@ -173,7 +174,7 @@ class SecretFS(pyfuse3.Operations):
             if st is not None and not st.open_versions:
                 del self._states[inode]
 
-    # --- directories --------------------------------------------------------------------------------
+    # --- directories --------------------------------------------------------------------------
 
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -195,7 +196,7 @@ class SecretFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
-    # --- files --------------------------------------------------------------------------------------
+    # --- files --------------------------------------------------------------------------------
 
     @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -283,7 +284,7 @@ class SecretFS(pyfuse3.Operations):
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = guarded(_erofs)
     write = create = setxattr = removexattr = guarded(_erofs)
 
-    # --- kernel cache invalidation ------------------------------------------------------------------
+    # --- kernel cache invalidation ------------------------------------------------------------
 
     def invalidate(self, inodes: set[int]) -> None:
         """Drop the kernel's cached attributes and pages of ``inodes`` (asynchronously)."""

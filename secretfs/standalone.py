@@ -34,7 +34,6 @@ class MountOptions:
     lock_memory: bool = True
     revoke_leases: bool = False
 
-
     def check(self) -> None:
         if not self.ttl > 0:
             raise MountError(f"--ttl must be more than 0 seconds (got {self.ttl:g})")

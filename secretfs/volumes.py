@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from providers import get_provider
-from providers.base import FetchError, Fetched, FileSpec, Identity, Lease, Plan, Provider
+from providers.base import Fetched, FetchError, FileSpec, Identity, Lease, Plan, Provider
 from secretfs.cache import SecretCache
 from secretfs.tree import Tree
 
@@ -80,7 +80,7 @@ class Volumes:
         self._nursery = nursery
         self.cache.start(nursery)
 
-    # --- volume lifetime ----------------------------------------------------------------------------
+    # --- volume lifetime ----------------------------------------------------------------------
 
     async def add(
         self,
@@ -133,7 +133,7 @@ class Volumes:
             await self._revoke(vol)
         return True
 
-    # --- content ------------------------------------------------------------------------------------
+    # --- content ------------------------------------------------------------------------------
 
     async def content(self, inode: int) -> Rendered:
         """The current bytes of a file, fetching them if the cache has none (raises FetchError)."""
@@ -165,7 +165,7 @@ class Volumes:
         except FetchError:
             return None
 
-    # --- internals ----------------------------------------------------------------------------------
+    # --- internals ----------------------------------------------------------------------------
 
     def _key(self, vol: Volume, spec: FileSpec) -> Hashable:
         base = (vol.plan.provider, vol.plan.auth, vol.identity.key(), spec.source)
@@ -229,7 +229,9 @@ class Volumes:
             raise VolumeError(str(exc), [exc]) from None
         except Exception as exc:
             log.exception("provider %s failed", vol.provider.name)
-            raise VolumeError(f"provider {vol.plan.provider} failed ({type(exc).__name__})") from None
+            raise VolumeError(
+                f"provider {vol.plan.provider} failed ({type(exc).__name__})"
+            ) from None
         by_source: dict[Hashable, FileSpec] = {}
         for spec in vol.plan.files:
             by_source.setdefault(spec.source, spec)

@@ -20,7 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _no_unexpected_errors(
     request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> Iterator[None]:
-    """A test fails if our code logs an error it did not declare (``@pytest.mark.expect_errors``)."""
+    """A test fails if our code logs an error it did not declare (``expect_errors`` marker)."""
     caplog.set_level(logging.INFO)
     yield
     if request.node.get_closest_marker("expect_errors"):

@@ -15,8 +15,8 @@ import yaml
 
 from providers.base import (
     DEFAULT_MODE,
-    FetchError,
     Fetched,
+    FetchError,
     FileSpec,
     Identity,
     ParameterError,
@@ -55,7 +55,9 @@ class FakeProvider:
             path = o.get("path", name)
             problems += check_path(path, name, "path")
             mode = parse_mode(o.get("mode", default_mode), name, "mode", problems)
-            files.append(FileSpec(path, mode or 0, ("fake", name), name, None, bool(o.get("dynamic"))))
+            files.append(
+                FileSpec(path, mode or 0, ("fake", name), name, None, bool(o.get("dynamic")))
+            )
         problems += check_files(files)
         if problems:
             raise ParameterError(problems)

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from providers.base import FetchError, Fetched
+from providers.base import Fetched, FetchError
 from secretfs.cache import SecretCache
 
 

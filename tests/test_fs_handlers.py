@@ -154,7 +154,7 @@ async def test_unexpected_exceptions_become_eio(
 
 async def until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(10):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 (polling a worker thread's effect)
             await trio.sleep(0.01)
 
 
@@ -208,7 +208,7 @@ async def test_mount_time_fetch_failure_names_the_object(fake: FakeProvider) -> 
         vols = Volumes(ttl=10, max_stale=100)
         vols.start(n)
         plan = fake.parse({"objects": "- name: db\n- name: missing\n"})
-        with pytest.raises(VolumeError, match="'missing'.*not found"):
+        with pytest.raises(VolumeError, match=r"'missing'.*not found"):
             await vols.add("v", plan, AMBIENT, uid=0, gid=0)
         assert vols.volumes == {} and len(vols.tree.nodes) == 1
         n.cancel_scope.cancel()

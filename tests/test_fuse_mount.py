@@ -41,7 +41,9 @@ def spc(*objects: str, **params: str) -> str:
 
 
 def sm(env: dict[str, str]) -> Any:
-    return boto3.client("secretsmanager", region_name=env["region"], endpoint_url=env["endpoint_url"])
+    return boto3.client(
+        "secretsmanager", region_name=env["region"], endpoint_url=env["endpoint_url"]
+    )
 
 
 def ssm(env: dict[str, str]) -> Any:
@@ -194,7 +196,9 @@ def test_an_open_file_keeps_its_version_across_rotation(
 
 
 @pytest.mark.slow
-def test_backend_down_serves_stale_then_eio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backend_down_serves_stale_then_eio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A moto of our own, so we can kill it.
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -281,9 +285,8 @@ def test_mount_command_fails_clearly_and_mounts_nothing(
     assert "NoSuchSecret" in res.stderr and "not found" in res.stderr
     assert not is_mounted(tmp_path / "mnt")
 
-    with pytest.raises(MountFailed) as failed:
-        with mounted(spc(DB), tmp_path, "--ttl", "0"):
-            pass
+    with pytest.raises(MountFailed) as failed, mounted(spc(DB), tmp_path, "--ttl", "0"):
+        pass
     assert "ttl" in failed.value.answer.lower()
 
 
@@ -341,9 +344,21 @@ def test_the_daemon_is_hardened(aws_env: dict[str, str], tmp_path: Path) -> None
     (tmp_path / "mnt").mkdir()
     r, w = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "secretfs", "mount", str(spc_file), str(tmp_path / "mnt"),
-         "--foreground", "--ready-fd", str(w), "--log-level", "WARNING"],
-        pass_fds=(w,), cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "secretfs",
+            "mount",
+            str(spc_file),
+            str(tmp_path / "mnt"),
+            "--foreground",
+            "--ready-fd",
+            str(w),
+            "--log-level",
+            "WARNING",
+        ],
+        pass_fds=(w,),
+        cwd=ROOT,
     )
     os.close(w)
     try:

@@ -74,7 +74,7 @@ def test_unknown_provider_is_a_parameter_problem(tmp_path: Path) -> None:
         "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\n"
         "spec: {provider: akeyless, parameters: {a: b}}\n",
     )
-    with pytest.raises(ParameterError, match="unknown provider 'akeyless'.*aws"):
+    with pytest.raises(ParameterError, match=r"unknown provider 'akeyless'.*aws"):
         spc_mod.plan(spc_mod.load(p))
 
 

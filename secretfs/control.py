@@ -1,0 +1,200 @@
+"""The local control protocol between ``secretfs csi`` (client) and ``secretfs daemon`` (server).
+
+One request per connection over a unix SOCK_STREAM socket: a frame is a 4-byte big-endian length
+and a JSON object. A request is ``{"op": ..., ...}``; the answer is ``{"ok": true, ...}`` or
+``{"ok": false, "code": CODE, "message": ...}`` with CODE from :data:`CODES` (named after gRPC
+status codes, so the csi side maps them one to one). The ``attach`` request carries the /dev/fuse
+file descriptor as SCM_RIGHTS ancillary data of its first bytes.
+
+Requests may carry service-account tokens and nodePublishSecretRef data, so neither side ever
+logs a frame, and the socket is owner-only (the daemon also checks the peer's uid).
+
+This module is shared by both processes: only the standard library here (no trio, no pyfuse3).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import re
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+MAX_FRAME = 1 << 20
+_HEADER = struct.Struct(">I")
+
+# Error codes of daemon answers.
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+NOT_FOUND = "NOT_FOUND"
+ALREADY_EXISTS = "ALREADY_EXISTS"
+ABORTED = "ABORTED"
+UNAVAILABLE = "UNAVAILABLE"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"
+PERMISSION_DENIED = "PERMISSION_DENIED"
+INTERNAL = "INTERNAL"
+CODES = frozenset(
+    {
+        INVALID_ARGUMENT,
+        NOT_FOUND,
+        ALREADY_EXISTS,
+        ABORTED,
+        UNAVAILABLE,
+        FAILED_PRECONDITION,
+        PERMISSION_DENIED,
+        INTERNAL,
+    }
+)
+
+# A volume's directory name in the node tree is the CSI volume id (kubelet: csi-<sha256>).
+_VOLUME_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def check_volume_id(volume_id: str) -> str | None:
+    """None if ``volume_id`` can name a directory of the node tree, else why not."""
+    if not _VOLUME_ID.match(volume_id) or volume_id in (".", ".."):
+        return (
+            f"volume id {volume_id[:140]!r} is not usable: at most 128 characters of "
+            "A-Z a-z 0-9 . _ -"
+        )
+    return None
+
+
+class ControlError(Exception):
+    """The daemon answered with an error, or could not be reached (code UNAVAILABLE)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code if code in CODES else INTERNAL
+        self.message = message
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    if len(body) > MAX_FRAME:
+        raise ControlError(INVALID_ARGUMENT, f"control message too large ({len(body)} bytes)")
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Accumulates received bytes (and fds) until one whole frame is there."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.fds: list[int] = []
+
+    def feed(self, data: bytes, ancdata: Sequence[tuple[int, int, bytes]] = ()) -> None:
+        self.buf += data
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+
+    def frame(self) -> dict[str, Any] | None:
+        """The frame if complete; raises ControlError on a malformed one."""
+        if len(self.buf) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self.buf)
+        if size > MAX_FRAME:
+            raise ControlError(INVALID_ARGUMENT, f"control frame too large ({size} bytes)")
+        if len(self.buf) < _HEADER.size + size:
+            return None
+        body = self.buf[_HEADER.size : _HEADER.size + size]
+        try:
+            msg = json.loads(body)
+        except ValueError:
+            raise ControlError(INVALID_ARGUMENT, "control frame is not JSON") from None
+        if not isinstance(msg, dict):
+            raise ControlError(INVALID_ARGUMENT, "control frame is not a JSON object")
+        return msg
+
+
+ANC_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+class Client:
+    """Synchronous client used by the csi process (one connection per call)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(
+        self, op: str, *, fds: Sequence[int] = (), timeout: float | None = None, **args: Any
+    ) -> dict[str, Any]:
+        frame = encode({"op": op, **args})
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout or self.timeout)
+            try:
+                sock.connect(self.path)
+            except OSError as exc:
+                raise ControlError(
+                    UNAVAILABLE,
+                    f"the secretfs daemon is not reachable at {self.path}: "
+                    f"{exc.strerror or type(exc).__name__}",
+                ) from None
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = sock.sendmsg([frame], anc)
+                    sock.sendall(frame[sent:])
+                else:
+                    sock.sendall(frame)
+                reader = FrameReader()
+                while (msg := reader.frame()) is None:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ControlError(
+                            UNAVAILABLE, f"the secretfs daemon closed the connection ({op})"
+                        )
+                    reader.feed(data)
+            except TimeoutError:
+                raise ControlError(
+                    UNAVAILABLE, f"the secretfs daemon did not answer {op!r} in time"
+                ) from None
+            except OSError as exc:
+                raise ControlError(
+                    UNAVAILABLE, f"the secretfs daemon connection failed: {exc.strerror}"
+                ) from None
+        finally:
+            sock.close()
+        if not msg.get("ok"):
+            raise ControlError(str(msg.get("code")), str(msg.get("message", "daemon error")))
+        return msg
+
+    # --- operations ---------------------------------------------------------------------------------
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """``attached``, ``serving``, ``volumes`` (ids), ``uid``, ``gid``, ``pid``."""
+        return self.call("status", timeout=timeout)
+
+    def attach(self, fuse_fd: int) -> dict[str, Any]:
+        return self.call("attach", fds=[fuse_fd], timeout=30.0)
+
+    def add(
+        self,
+        volume_id: str,
+        spc: dict[str, Any],
+        attributes: dict[str, str],
+        identity: dict[str, Any],
+        gid: int,
+        timeout: float,
+    ) -> dict[str, Any]:
+        return self.call(
+            "add",
+            volume_id=volume_id,
+            spc=spc,
+            attributes=attributes,
+            identity=identity,
+            gid=gid,
+            timeout=timeout,
+        )
+
+    def refresh(self, volume_id: str, tokens: dict[str, Any]) -> dict[str, Any]:
+        return self.call("refresh", volume_id=volume_id, tokens=tokens)
+
+    def remove(self, volume_id: str) -> dict[str, Any]:
+        return self.call("remove", volume_id=volume_id, timeout=30.0)
