@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,12 @@ def test_parse_every_parameter() -> None:
 - objectName: dir/cert.pem
   secretPath: /v1/pki/issue/web
   method: post
-  secretArgs: {common_name: a.example, ttl: 24h, exclude_cn_from_sans: yes, n: 3}
+  secretArgs:
+    common_name: a.example
+    ttl: 24h
+    exclude_cn_from_sans: yes
+    n: 3
+    not_after: 2030-01-01
   secretKey: certificate
   filePermission: 0600
   encoding: UTF-8
@@ -160,7 +166,8 @@ def test_parse_every_parameter() -> None:
     assert cert.source == VaultSource(
         "pki/issue/web",
         "POST",
-        '{"common_name":"a.example","exclude_cn_from_sans":"yes","n":3,"ttl":"24h"}',
+        '{"common_name":"a.example","exclude_cn_from_sans":"yes","n":3,"not_after":"2030-01-01",'
+        '"ttl":"24h"}',
     )
     assert cert.select == VaultSelect("certificate", "utf-8")
     assert (raw.mode, raw.dynamic, raw.select) == (0o444, False, VaultSelect(None, "utf-8"))
@@ -511,6 +518,22 @@ def test_login_is_cached_per_identity_and_renewed_before_expiry(vault: VaultTest
     clock.t += 2  # past 80% of the token's 3600 s lease
     fetch_all(p, plan)
     assert len(vault.logins) == 3
+
+
+def test_concurrent_fetches_log_in_once(vault: VaultTestServer) -> None:
+    p = VaultProvider()
+    plan = p.parse(params(vault.url, KV2))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: fetch_all(p, plan), range(16)))
+    assert all(r["password"] == b"s3cret-pw" for r in results)
+    assert len(vault.logins) == 1
+
+
+def test_address_from_vault_addr(vault: VaultTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAULT_ADDR", vault.url)
+    p = VaultProvider()
+    plan = p.parse({"roleName": "app", "objects": KV2})
+    assert fetch_all(p, plan)["user"] == b"admin"
 
 
 def test_relogin_once_on_403_from_a_cached_token(vault: VaultTestServer) -> None:
@@ -878,6 +901,16 @@ def test_tls_missing_ca_file(tls_vault: tuple[VaultTestServer, Any], tmp_path: P
     err = _tls_fetch(srv.url, vaultCACertPath=str(tmp_path / "nope.pem"))
     assert isinstance(err, FetchError) and (err.code, err.transient) == ("TLSConfig", False)
     assert "vaultCACertPath" in str(err) and "nope.pem" in str(err)
+
+
+def test_tls_ca_directory_with_a_non_certificate(
+    tls_vault: tuple[VaultTestServer, Any], tmp_path: Path
+) -> None:
+    srv, tls = tls_vault
+    (Path(tls.ca_dir) / "README").write_text("not a certificate\n")
+    err = _tls_fetch(srv.url, vaultCADirectory=tls.ca_dir)
+    assert isinstance(err, FetchError) and (err.code, err.transient) == ("TLSConfig", False)
+    assert "vaultCADirectory" in str(err) and "README" in str(err)
 
 
 def test_tls_server_name(tmp_path: Path) -> None:
