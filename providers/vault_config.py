@@ -141,14 +141,15 @@ def is_dynamic(path: str, method: str) -> bool:
 
 def _clean_path(raw: str) -> str | None:
     """Upstream's ensureV1Prefix + path.Join, minus the ``v1/``; None if it escapes with '..'."""
-    path, sep, query = raw.partition("?")
+    path, _, query = raw.partition("?")
     if ".." in path.split("/"):
         return None
     p = path.lstrip("/")
     p = p.removeprefix("v1/") if p != "v1" else ""
     p = posixpath.normpath("/" + p).lstrip("/")
-    if sep:
-        p += "?" + urlencode(sorted(parse_qsl(query, keep_blank_values=True, strict_parsing=True)))
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if pairs:
+        p += "?" + urlencode(sorted(pairs))
     return p
 
 
@@ -256,16 +257,12 @@ def _object(
     if not fields["secretPath"]:
         problems.append(Problem(obj, "secretPath", "is required, e.g. secret/data/app"))
     else:
-        try:
-            path = _clean_path(fields["secretPath"] or "")
-        except ValueError:
-            problems.append(Problem(obj, "secretPath", "has a malformed query string"))
-        else:
-            if path is None:
-                problems.append(Problem(obj, "secretPath", "must not contain a '..' element"))
-            elif not path or path.startswith("?"):
-                problems.append(Problem(obj, "secretPath", "names no Vault path"))
-                path = None
+        path = _clean_path(fields["secretPath"] or "")
+        if path is None:
+            problems.append(Problem(obj, "secretPath", "must not contain a '..' element"))
+        elif not path or path.startswith("?"):
+            problems.append(Problem(obj, "secretPath", "names no Vault path"))
+            path = None
     method = (fields["method"] or "GET").upper()
     if method not in METHODS:
         problems.append(
