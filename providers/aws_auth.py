@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import boto3.session
+from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, MetadataRetrievalError
 from botocore.httpsession import URLLib3Session
@@ -74,6 +75,9 @@ CLIENT_CONFIG = Config(
     retries={"mode": "standard", "max_attempts": 3},
     user_agent_extra="secretfs",
 )
+# AssumeRoleWithWebIdentity is authenticated by the token alone; unsigned, botocore does not
+# look for (or wait on IMDS for) node credentials the pod must never borrow anyway.
+UNSIGNED_CONFIG = CLIENT_CONFIG.merge(Config(signature_version=UNSIGNED))
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,11 @@ class ClientCache:
         self._flights: dict[Hashable, threading.Lock] = {}
         self._clock = clock
 
-    def client(self, service: str, region: str, creds: Creds | None) -> Any:
-        key = (service, region, creds)
+    def client(
+        self, service: str, region: str, creds: Creds | None, *, unsigned: bool = False
+    ) -> Any:
+        """A client; ``creds`` None means the ambient chain, ``unsigned`` means no credentials."""
+        key = (service, region, creds, unsigned)
         with self._lock:
             cli = self._clients.get(key)
             if cli is None:
@@ -132,7 +139,7 @@ class ClientCache:
                 cli = self._session.client(
                     service,  # type: ignore[call-overload]
                     region_name=region,
-                    config=CLIENT_CONFIG,
+                    config=UNSIGNED_CONFIG if unsigned else CLIENT_CONFIG,
                     **kwargs,
                 )
                 self._clients[key] = cli
@@ -170,14 +177,17 @@ class ClientCache:
                 creds = self._creds.get(key)
             if creds is not None and creds.expires - REFRESH_MARGIN > self._clock():
                 return creds
-            new: Creds = make()
+            try:
+                new: Creds = make()
+            finally:
+                with self._lock:
+                    self._flights.pop(key, None)
             with self._lock:
                 self._creds[key] = new
-                self._flights.pop(key, None)
             return new
 
     def _irsa(self, identity: Identity, token: str, role: str, region: str, obj: str) -> Creds:
-        sts = self.client("sts", region, None)  # AssumeRoleWithWebIdentity is unsigned
+        sts = self.client("sts", region, None, unsigned=True)
         try:
             rsp = sts.assume_role_with_web_identity(
                 RoleArn=role, RoleSessionName=_session_name(identity), WebIdentityToken=token

@@ -255,7 +255,8 @@ class _Parser:
         obj = name if isinstance(name, str) and name else f"objects[{i}]"
         self._unknown(item, OBJECT_FIELDS, obj, "")
         if not isinstance(name, str) or not name:
-            self.bad(obj, "objectName", "required: the secret's name or full ARN")
+            what = "required" if name in (None, "") else "must be a string (quote it)"
+            self.bad(obj, "objectName", f"{what}: the secret's name or full ARN")
             name = None
 
         kind = self._str(item, "objectType", obj)

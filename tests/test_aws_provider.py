@@ -148,6 +148,7 @@ def test_arn_implies_type() -> None:
     ("obj", "params", "where"),
     [
         ({"objectType": "secretsmanager"}, {}, ("objects[0]", "objectName")),
+        ({"objectName": 123, "objectType": "secretsmanager"}, {}, ("objects[0]", "objectName")),
         ({"objectName": "a"}, {}, ("a", "objectType")),
         ({"objectName": "a", "objectType": "ssm"}, {}, ("a", "objectType")),
         ({"objectName": "a", "objectType": "kms"}, {}, ("a", "objectType")),
@@ -551,8 +552,8 @@ def test_ssm_many_parameters_in_batches(aws_env: dict[str, str]) -> None:
     p = AwsProvider()
     real = p._clients.client
 
-    def spy(service: str, region: str, creds: Any) -> Any:
-        cli = real(service, region, creds)
+    def spy(service: str, region: str, creds: Any, **kw: Any) -> Any:
+        cli = real(service, region, creds, **kw)
         if service == "ssm":
             cli.meta.events.register(
                 "provide-client-params.ssm.GetParameters",
@@ -694,9 +695,9 @@ def route(provider: AwsProvider, region: str, endpoint: str) -> None:
     """Send one region's calls to ``endpoint``; one attempt per call to keep the test fast."""
     real = provider._clients.client
 
-    def routed(service: str, reg: str, creds: Any) -> Any:
+    def routed(service: str, reg: str, creds: Any, **kw: Any) -> Any:
         if reg != region:
-            return real(service, reg, creds)
+            return real(service, reg, creds, **kw)
         cfg = Config(
             connect_timeout=2, read_timeout=2, retries={"mode": "standard", "total_max_attempts": 1}
         )
@@ -809,16 +810,22 @@ def spy_creds(p: AwsProvider) -> list[tuple[str, str, Any]]:
     seen: list[tuple[str, str, Any]] = []
     real = p._clients.client
 
-    def spy(service: str, region: str, creds: Any) -> Any:
+    def spy(service: str, region: str, creds: Any, **kw: Any) -> Any:
         seen.append((service, region, creds))
-        return real(service, region, creds)
+        return real(service, region, creds, **kw)
 
     p._clients.client = spy  # type: ignore[method-assign]
     return seen
 
 
-def test_irsa_assume_role_with_web_identity(aws_env: dict[str, str]) -> None:
+def test_irsa_assume_role_with_web_identity(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     client(aws_env, "secretsmanager").create_secret(Name="s", SecretString="v")
+    # the driver's own credentials are neither needed nor used for a pod
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     now = [1_000.0]
     p = AwsProvider()
     p._clients = aws_auth.ClientCache(clock=lambda: now[0])
@@ -1057,3 +1064,16 @@ def test_concurrent_fetches_share_clients_and_one_sts_call(aws_env: dict[str, st
     creds = {c for s, _, c in seen if s == "secretsmanager"}
     assert len(creds) == 1 and None not in creds
     assert len(p._clients._clients) == 2  # one STS client, one Secrets Manager client
+
+
+def test_ambient_without_credentials(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    files = mount(
+        AwsProvider(), {"objects": objects({"objectName": "s", "objectType": "secretsmanager"})}
+    )
+    err = files["s"]
+    assert isinstance(err, FetchError) and err.code == "NoCredentials" and not err.transient
