@@ -70,6 +70,13 @@ class ControlError(Exception):
         self.message = message
 
 
+class Unreachable(ControlError):
+    """The daemon could not be reached or did not answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(UNAVAILABLE, message)
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     body = json.dumps(msg, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
@@ -131,8 +138,7 @@ class Client:
             try:
                 sock.connect(self.path)
             except OSError as exc:
-                raise ControlError(
-                    UNAVAILABLE,
+                raise Unreachable(
                     f"the secretfs daemon is not reachable at {self.path}: "
                     f"{exc.strerror or type(exc).__name__}",
                 ) from None
@@ -140,32 +146,27 @@ class Client:
                 if fds:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                     sent = sock.sendmsg([frame], anc)
-                    sock.sendall(frame[sent:])
+                    if sent < len(frame):
+                        sock.sendall(frame[sent:])
                 else:
                     sock.sendall(frame)
                 reader = FrameReader()
                 while (msg := reader.frame()) is None:
                     data = sock.recv(65536)
                     if not data:
-                        raise ControlError(
-                            UNAVAILABLE, f"the secretfs daemon closed the connection ({op})"
-                        )
+                        raise Unreachable(f"the secretfs daemon closed the connection ({op})")
                     reader.feed(data)
             except TimeoutError:
-                raise ControlError(
-                    UNAVAILABLE, f"the secretfs daemon did not answer {op!r} in time"
-                ) from None
+                raise Unreachable(f"the secretfs daemon did not answer {op!r} in time") from None
             except OSError as exc:
-                raise ControlError(
-                    UNAVAILABLE, f"the secretfs daemon connection failed: {exc.strerror}"
-                ) from None
+                raise Unreachable(f"secretfs daemon connection failed: {exc.strerror}") from None
         finally:
             sock.close()
         if not msg.get("ok"):
             raise ControlError(str(msg.get("code")), str(msg.get("message", "daemon error")))
         return msg
 
-    # --- operations ---------------------------------------------------------------------------------
+    # --- operations ---
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """``attached``, ``serving``, ``volumes`` (ids), ``uid``, ``gid``, ``pid``."""

@@ -1,0 +1,1 @@
+"""CSI node plugin: the kubelet-facing gRPC side of secretfs (no FUSE, no provider SDKs)."""

@@ -1,0 +1,68 @@
+"""``secretfs csi``: run the CSI node plugin until SIGTERM.
+
+Stopping leaves every mount in place: the kubelet's volumes stay readable through a restart, and
+the next process finds them in /proc/self/mountinfo and in the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+
+from csi import metrics
+from csi.kube import Kube
+from csi.node import DRIVER_NAME, IdentityServicer, NodeServicer
+from csi.pb import csi_pb2_grpc
+from csi.publish import Node
+from csi.server import make_server
+from secretfs import control
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CsiOptions:
+    endpoint: str
+    node_id: str
+    daemon_socket: str
+    mount_root: str
+    driver_name: str = DRIVER_NAME
+    metrics_addr: str = ""
+    kubeconfig: str | None = None
+
+
+def run(opts: CsiOptions) -> int:
+    node = Node(control.Client(opts.daemon_socket), Kube(opts.kubeconfig), opts.mount_root)
+
+    def register(server: object) -> None:
+        csi_pb2_grpc.add_IdentityServicer_to_server(
+            IdentityServicer(opts.driver_name, node), server
+        )
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(opts.node_id, node), server)
+
+    metrics.serve(opts.metrics_addr)
+    server = make_server(opts.endpoint, register)
+    log.info(
+        "CSI driver %s on %s (node %s, daemon %s, mount root %s)",
+        opts.driver_name,
+        opts.endpoint,
+        opts.node_id,
+        opts.daemon_socket,
+        opts.mount_root,
+    )
+    # Mount the node root now if the daemon is up (else on the first Probe or publish).
+    node.ready()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    log.info("stopping; mounts stay in place")
+    server.stop(grace=5).wait()
+    return 0

@@ -1,0 +1,80 @@
+"""Prometheus metrics of the csi process, named as upstream exports them (see upstream.md §1.9)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+OS_TYPE = "linux"
+
+# error_type label values: a fixed set (upstream's names where the meaning matches).
+INVALID_REQUEST = "InvalidRequest"
+SPC_NOT_FOUND = "SecretProviderClassNotFound"
+INVALID_SPC = "InvalidSecretProviderClass"
+KUBE_API_ERROR = "KubernetesAPIError"
+DAEMON_UNAVAILABLE = "DaemonUnavailable"
+PROVIDER_ERROR = "ProviderError"
+FAILED_TO_ENSURE_MOUNT_POINT = "FailedToEnsureMountPoint"
+FAILED_TO_MOUNT = "FailedToMount"
+FAILED_TO_UNMOUNT = "FailedToUnmount"
+OPERATION_IN_PROGRESS = "OperationInProgress"
+INTERNAL_ERROR = "InternalError"
+ERROR_TYPES = frozenset(
+    {
+        INVALID_REQUEST,
+        SPC_NOT_FOUND,
+        INVALID_SPC,
+        KUBE_API_ERROR,
+        DAEMON_UNAVAILABLE,
+        PROVIDER_ERROR,
+        FAILED_TO_ENSURE_MOUNT_POINT,
+        FAILED_TO_MOUNT,
+        FAILED_TO_UNMOUNT,
+        OPERATION_IN_PROGRESS,
+        INTERNAL_ERROR,
+    }
+)
+
+# prometheus-client adds the _total suffix to counters.
+node_publish = Counter(
+    "node_publish", "Successful NodePublishVolume calls", ["provider", "os_type"]
+)
+node_publish_error = Counter(
+    "node_publish_error", "Failed NodePublishVolume calls", ["provider", "error_type", "os_type"]
+)
+node_unpublish = Counter("node_unpublish", "Successful NodeUnpublishVolume calls", ["os_type"])
+node_unpublish_error = Counter(
+    "node_unpublish_error", "Failed NodeUnpublishVolume calls", ["os_type"]
+)
+rpc_duration = Histogram(
+    "csi_rpc_duration_seconds",
+    "CSI RPC latency",
+    ["method", "code"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+
+def record(method: str, code: str, seconds: float, provider: str, error_type: str | None) -> None:
+    rpc_duration.labels(method, code).observe(seconds)
+    if method == "NodePublishVolume":
+        if error_type is None:
+            node_publish.labels(provider, OS_TYPE).inc()
+        else:
+            node_publish_error.labels(provider, error_type, OS_TYPE).inc()
+    elif method == "NodeUnpublishVolume":
+        if error_type is None:
+            node_unpublish.labels(OS_TYPE).inc()
+        else:
+            node_unpublish_error.labels(OS_TYPE).inc()
+
+
+def serve(addr: str) -> None:
+    """Serve /metrics on ``addr`` (":8095" or "127.0.0.1:8095"); empty means off."""
+    if not addr:
+        return
+    host, _, port = addr.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")
+    log.info("metrics on %s", addr)
