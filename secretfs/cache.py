@@ -117,6 +117,13 @@ class SecretCache:
         """Store a value fetched elsewhere (the batch fetch at mount time)."""
         self._store(key, value, dynamic)
 
+    def fresh(self, key: Hashable) -> Fetched | None:
+        """A static value younger than the TTL, or None (lets a publish skip the backend)."""
+        entry = self._static.get(key)
+        if entry is None or self._clock() - entry.fetched_at >= self.ttl:
+            return None
+        return entry.value
+
     def __len__(self) -> int:
         return len(self._static) + len(self._dynamic)
 

@@ -77,7 +77,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount a secretfs mount")
     u.add_argument("mountpoint")
+
+    d = sub.add_parser("daemon", help="node daemon: serve the FUSE session the csi process mounts")
+    _add_daemon_options(d)
+    _add_log_options(d)
+
+    k = sub.add_parser("csi", help="CSI node plugin (kubelet-facing gRPC; mounts; privileged)")
+    _add_csi_options(k)
+    _add_log_options(k)
+
+    n = sub.add_parser("node", help="run daemon and csi together (development and tests)")
+    _add_daemon_options(n)
+    _add_csi_options(n)
+    _add_log_options(n)
     return parser
+
+
+def _add_log_options(p: argparse.ArgumentParser) -> None:
+    have = {opt for a in p._actions for opt in a.option_strings}
+    if "--log-level" not in have:
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if "--log-format" not in have:
+        p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+def _add_daemon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        "--daemon-socket",
+        dest="daemon_socket",
+        default="/run/secretfs/daemon.sock",
+        help="control socket (owner-only) the csi process talks to",
+    )
+    _add_mount_options(p)
+
+
+def _add_csi_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default="unix:///csi/csi.sock", help="CSI socket for the kubelet")
+    p.add_argument("--nodeid", required=True, help="this node's name (NodeGetInfo)")
+    p.add_argument("--drivername", default="secrets-store.csi.k8s.io")
+    if not any("--socket" in a.option_strings for a in p._actions):
+        p.add_argument(
+            "--daemon-socket", default="/run/secretfs/daemon.sock", help="the daemon's socket"
+        )
+    p.add_argument(
+        "--mount-root",
+        default="/var/run/secrets-store-csi/secretfs",
+        help="where the node's secretfs root is mounted (volumes are bind-mounted from it)",
+    )
+    p.add_argument("--metrics-addr", default=":8095", help="Prometheus /metrics; empty: off")
+    p.add_argument("--kubeconfig", default=None, help="default: in-cluster configuration")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -168,6 +217,99 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import trio
+
+    from secretfs import daemon
+
+    if not 0 < args.ttl <= args.max_stale:
+        print("secretfs: need 0 < --ttl <= --max-stale", file=sys.stderr)
+        return 2
+    opts = daemon.DaemonOptions(
+        ttl=args.ttl,
+        max_stale=args.max_stale,
+        revoke_leases=args.revoke_leases,
+        lock_memory=not args.no_mlock,
+        attr_timeout=args.attr_timeout,
+    )
+    return trio.run(daemon.serve, args.daemon_socket, opts, lambda: None)
+
+
+def cmd_csi(args: argparse.Namespace) -> int:
+    from csi.app import CsiOptions, run
+
+    return run(
+        CsiOptions(
+            endpoint=args.endpoint,
+            node_id=args.nodeid,
+            daemon_socket=args.daemon_socket,
+            mount_root=args.mount_root,
+            driver_name=args.drivername,
+            metrics_addr=args.metrics_addr,
+            kubeconfig=args.kubeconfig,
+        )
+    )
+
+
+def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The command lines of the daemon and csi processes of ``secretfs node``."""
+    base = [sys.executable, "-m", "secretfs"]
+    logs = ["--log-level", args.log_level, "--log-format", args.log_format]
+    daemon = [*base, "daemon", "--socket", args.daemon_socket, *logs]
+    daemon += ["--ttl", str(args.ttl), "--max-stale", str(args.max_stale)]
+    daemon += ["--attr-timeout", str(args.attr_timeout)]
+    for flag, on in (
+        ("--audit", args.audit),
+        ("--revoke-leases", args.revoke_leases),
+        ("--no-mlock", args.no_mlock),
+    ):
+        if on:
+            daemon.append(flag)
+    csi = [*base, "csi", "--endpoint", args.endpoint, "--nodeid", args.nodeid, *logs]
+    csi += ["--drivername", args.drivername, "--daemon-socket", args.daemon_socket]
+    csi += ["--mount-root", args.mount_root, "--metrics-addr", args.metrics_addr]
+    if args.kubeconfig:
+        csi += ["--kubeconfig", args.kubeconfig]
+    return daemon, csi
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """Start ``secretfs daemon`` and ``secretfs csi`` as two processes; stop both when one ends.
+
+    Fresh interpreters (not fork): the csi process runs grpc threads. Mounts stay in place when
+    both stop, as they would in a DaemonSet pod restart.
+    """
+    import signal
+    import time
+
+    daemon_argv, csi_argv = node_argvs(args)
+    procs = [subprocess.Popen(daemon_argv, stdin=subprocess.DEVNULL)]
+    deadline = time.monotonic() + 10
+    while not os.path.exists(args.daemon_socket) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the csi process mounts the root as soon as the daemon answers
+    procs.append(subprocess.Popen(csi_argv, stdin=subprocess.DEVNULL))
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop and all(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    for p in reversed(procs):  # csi first, so it never sees the daemon vanish mid-call
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(
@@ -181,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_mount(args)
     if args.command == "umount":
         return cmd_umount(args)
+    if args.command == "daemon":
+        return cmd_daemon(args)
+    if args.command == "csi":
+        return cmd_csi(args)
+    if args.command == "node":
+        return cmd_node(args)
     raise AssertionError(args.command)
 
 

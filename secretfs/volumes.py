@@ -217,10 +217,18 @@ class Volumes:
 
     async def _prefetch(self, vol: Volume) -> None:
         sources = vol.plan.sources()
+        # Static values this identity already has fresh in the cache need no backend call: a pod
+        # with the same identity and objects as a running one publishes without any provider call.
+        cached: dict[Hashable, Fetched] = {}
+        for spec, key in vol.keys.items():
+            hit = None if spec.dynamic else self.cache.fresh(key)
+            if hit is not None:
+                cached[spec.source] = hit
         errors: list[FetchError] = []
         try:
             with trio.fail_after(PREFETCH_DEADLINE):
-                results = await self._fetch(vol, sources)
+                missing = [s for s in sources if s not in cached]
+                results = {**(await self._fetch(vol, missing) if missing else {}), **cached}
         except trio.TooSlowError:
             raise VolumeError(
                 f"the {vol.plan.provider} backend did not answer within {PREFETCH_DEADLINE:.0f} s"
@@ -255,6 +263,8 @@ class Volumes:
         for spec, key in vol.keys.items():
             value = results[spec.source]
             assert isinstance(value, Fetched)
+            if spec.source in cached:
+                continue
             self.cache.put(key, value, dynamic=spec.dynamic)
             if value.lease is not None:
                 self._record_lease(vol, key, value.lease)
