@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import google.auth
+import google.auth.credentials
 import requests
 from cachetools import TLRUCache
 from google.api_core.retry import exponential_sleep_generator
@@ -171,7 +172,12 @@ class TokenBroker:
         with self._adc_lock:
             try:
                 if self._adc is None:
-                    self._adc, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+                    # No scopes here: with scopes, google-auth looks up a project id through its
+                    # own transport (no CA setting, no timeout) for some credential types.
+                    adc, _ = google.auth.default()
+                    self._adc = google.auth.credentials.with_scopes_if_required(  # type: ignore[no-untyped-call]
+                        adc, [CLOUD_PLATFORM_SCOPE]
+                    )
                 if not self._adc.valid:
                     self._adc.refresh(_Http(self._session, self._settings))
             except auth_exceptions.DefaultCredentialsError as exc:

@@ -42,7 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.azure_server import AzureTestServer, serve
 from tests.gcp_server import LOCATION, PROJECT, STS_AUDIENCE, GcpServers, pod_principal
-from tests.mounting import Mount, MountFailed, mounted, needs_fuse, wait_for
+from tests.mounting import Mount, mounted, needs_fuse, wait_for
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -573,13 +573,6 @@ def test_gcp_app_secrets_example_rotation(gcp: Gcp, tmp_path: Path) -> None:
     assert "first-value" not in log and "second-value" not in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MountFailed,
-    reason="provider bug: GcpProvider's google.auth.default(scopes=...) looks up the project of "
-    "external-account ADC (cloudresourcemanager.googleapis.com, via google-auth's own transport "
-    "without SECRETFS_GCP_CA_FILE or our timeouts) unless GOOGLE_CLOUD_PROJECT is set",
-)
 def test_gcp_adc_without_a_project_setting(gcp: Gcp, tmp_path: Path) -> None:
     # Standalone users should not need GOOGLE_CLOUD_PROJECT: every resourceName names its project.
     gcp.add(GLOBAL, b"no-project-needed")
