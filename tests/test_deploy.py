@@ -154,7 +154,9 @@ def test_chart_renders_and_validates(name: str) -> None:
     kinds = sorted(o["kind"] for o in objs)
     expected = [
         "CSIDriver",
-        "ClusterRole",
+        "ClusterRole",  # csi
+        "ClusterRole",  # SecretProviderClass rights aggregated into admin/edit
+        "ClusterRole",  # ... and into view
         "ClusterRoleBinding",
         "DaemonSet",
         "DaemonSet",
@@ -330,7 +332,7 @@ def test_extra_volumes_and_labels() -> None:
 
 def test_rbac_is_minimal() -> None:
     objs = render()
-    rules = one(objs, "ClusterRole")["rules"]
+    rules = one(objs, "ClusterRole", "-csi")["rules"]
     granted = {
         (g, r, v)
         for rule in rules
@@ -353,9 +355,19 @@ def test_rbac_is_minimal() -> None:
         one(objs, "DaemonSet", "-csi")["spec"]["template"]["spec"]["serviceAccountName"]
         == sa["metadata"]["name"]
     )
-    with_status = one(render({"rbac": {"podStatus": True}}), "ClusterRole")["rules"]
+    with_status = one(render({"rbac": {"podStatus": True}}), "ClusterRole", "-csi")["rules"]
     assert any("secretproviderclasspodstatuses" in r["resources"] for r in with_status)
     assert by_kind(render({"rbac": {"create": False}}), "ClusterRole") == []
+    # Users keep the SecretProviderClass rights upstream aggregated into admin/edit/view.
+    admin = one(objs, "ClusterRole", "-secretproviderclasses-admin")
+    assert admin["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert admin["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert "create" in admin["rules"][0]["verbs"]
+    viewer = one(objs, "ClusterRole", "-secretproviderclasses-viewer")
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert viewer["rules"][0]["verbs"] == ["get", "list", "watch"]
+    no_aggregate = render({"rbac": {"aggregateToUserRoles": False}})
+    assert [o["metadata"]["name"] for o in by_kind(no_aggregate, "ClusterRole")] == ["secretfs-csi"]
 
 
 def test_manifests_match_the_chart() -> None:
@@ -371,7 +383,7 @@ def test_manifests_match_the_chart() -> None:
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_manifests_validate_on_every_supported_kubernetes(version: str) -> None:
     objs = render_manifests.objects([f.read_text() for f in sorted(MANIFESTS.glob("*.yaml"))])
-    assert len(objs) == 8
+    assert len(objs) == 10
     for obj in objs:
         validate(obj, version)
     csidriver = one(objs, "CSIDriver")
