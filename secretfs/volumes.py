@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 PREFETCH_DEADLINE = 60.0
 # How long an open() waits for a value the cache does not have.
 READ_DEADLINE = 30.0
+# How long removing a volume may spend revoking its leases (an unpublish must not hang on Vault).
+REVOKE_DEADLINE = 10.0
 
 
 class VolumeError(Exception):
@@ -49,6 +51,8 @@ class Volume:
     leases: dict[Hashable, Lease] = field(default_factory=dict)
     renew_at: dict[Hashable, float] = field(default_factory=dict)
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # Static sources that came back with a lease and have been warned about (once each).
+    warned: set[Hashable] = field(default_factory=set)
 
 
 @dataclass
@@ -209,6 +213,7 @@ class Volumes:
             ) from None
         if isinstance(result, Fetched):
             if result.lease is not None:
+                self._warn_static_lease(vol, spec.source, spec.dynamic)
                 self._record_lease(vol, vol.keys[spec], result.lease)
             return result
         if isinstance(result, FetchError):
@@ -251,6 +256,9 @@ class Volumes:
             elif not isinstance(result, Fetched):
                 errors.append(FetchError(spec.object_name, "no value returned", transient=True))
             else:
+                if result.lease is not None:
+                    dynamic = any(s.dynamic for s in vol.plan.files if s.source == source)
+                    self._warn_static_lease(vol, source, dynamic)
                 # Render every file now, so a bad JMESPath or key fails the mount, not a read.
                 for s in vol.plan.files:
                     if s.source == source:
@@ -278,6 +286,24 @@ class Volumes:
                 cb(inodes)
 
     @staticmethod
+    def _warn_static_lease(vol: Volume, source: Hashable, dynamic: bool) -> None:
+        """A static source is refreshed every TTL: if it is leased material, each refresh issues
+        new material and a new lease. Say so once per source, naming the objects."""
+        if dynamic or source in vol.warned:
+            return
+        vol.warned.add(source)
+        names = sorted({repr(s.object_name) for s in vol.plan.files if s.source == source})
+        what = f"object {names[0]} is" if len(names) == 1 else f"objects {', '.join(names)} are"
+        log.warning(
+            "volume %s: %s classed as static but the %s backend answered with a lease: each "
+            "refresh issues new material and old leases are left to expire. If it is issued per "
+            "request, add `dynamic: true` to the object",
+            vol.id,
+            what,
+            vol.plan.provider,
+        )
+
+    @staticmethod
     def _record_lease(vol: Volume, key: Hashable, lease: Lease) -> None:
         vol.leases[key] = lease
         # Renew at two thirds of the lease, as Vault's own agent does.
@@ -297,7 +323,12 @@ class Volumes:
                 lease = vol.leases[key]
                 try:
                     new = await trio.to_thread.run_sync(
-                        renew, vol.plan, vol.identity, lease, limiter=self._limiter(vol.provider)
+                        renew,
+                        vol.plan,
+                        vol.identity,
+                        lease,
+                        limiter=self._limiter(vol.provider),
+                        abandon_on_cancel=True,  # a volume going away does not wait for it
                     )
                 except Exception as exc:
                     # The material stays valid until the lease ends; we just stop renewing it.
@@ -310,11 +341,28 @@ class Volumes:
         revoke = getattr(vol.provider, "revoke_sync", None)
         if revoke is None:
             return
-        with trio.move_on_after(10), trio.CancelScope(shield=True):
-            for lease in vol.leases.values():
+        # A static key another volume still uses may be serving this very lease's material.
+        in_use = {k for other in self.volumes.values() for k in other.keys.values()}
+        leases = [lease for key, lease in vol.leases.items() if key not in in_use]
+        # The deadline belongs to the shielded scope itself: a deadline on an enclosing scope
+        # cannot reach through a shield. abandon_on_cancel lets it end a blocked call.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + REVOKE_DEADLINE) as scope:
+            for lease in leases:
                 try:
                     await trio.to_thread.run_sync(
-                        revoke, vol.plan, vol.identity, lease, limiter=self._limiter(vol.provider)
+                        revoke,
+                        vol.plan,
+                        vol.identity,
+                        lease,
+                        limiter=self._limiter(vol.provider),
+                        abandon_on_cancel=True,
                     )
                 except Exception as exc:
                     log.warning("volume %s: lease revocation failed: %s", vol.id, exc)
+        if scope.cancelled_caught:
+            log.warning(
+                "volume %s: lease revocation did not finish within %.0f s; the rest of its "
+                "leases are left to expire",
+                vol.id,
+                REVOKE_DEADLINE,
+            )
