@@ -108,12 +108,15 @@ class KubeServer:
             if obj is None:
                 return 404, _not_found(f"secretproviderclasses.{GROUP}", parts[6], GROUP)
             return 200, obj
-        if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"]:
-            if parts[4] == "serviceaccounts":
-                obj = self.service_accounts.get((parts[3], parts[5]))
-                if obj is None:
-                    return 404, _not_found("serviceaccounts", parts[5], "")
-                return 200, obj
+        if (
+            len(parts) == 6
+            and parts[:3] == ["api", "v1", "namespaces"]
+            and parts[4] == "serviceaccounts"
+        ):
+            obj = self.service_accounts.get((parts[3], parts[5]))
+            if obj is None:
+                return 404, _not_found("serviceaccounts", parts[5], "")
+            return 200, obj
         return 404, _status(404, "NotFound", "the server could not find the requested resource")
 
 

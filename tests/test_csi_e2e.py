@@ -28,12 +28,16 @@ NAME = "MyDatabasePassword"
 
 
 def sm(env: dict[str, str]) -> Any:
-    return boto3.client("secretsmanager", region_name=env["region"], endpoint_url=env["endpoint_url"])
+    return boto3.client(
+        "secretsmanager", region_name=env["region"], endpoint_url=env["endpoint_url"]
+    )
 
 
 @pytest.fixture
 def make_node(
-    tmp_path: Path, kube_api: KubeServer, aws_env: dict[str, str]  # noqa: F811
+    tmp_path: Path,
+    kube_api: KubeServer,  # noqa: F811
+    aws_env: dict[str, str],
 ) -> Iterator[Callable[..., CsiNode]]:
     kube_api.add_spc("default", SEED)
     for sa in ("app", "other"):
@@ -80,3 +84,72 @@ def test_publish_read_republish_rotate_unpublish(
     assert 'node_unpublish_total{os_type="linux"} 2.0' in metrics
     assert "fresh.token.value" not in node.logs()
     assert "header.payload.signature" not in node.logs()
+
+
+def test_identities_share_values_only_when_equal(
+    make_node: Callable[..., CsiNode], aws_env: dict[str, str]
+) -> None:
+    sm(aws_env).create_secret(Name=NAME, SecretString="v1-secret")
+    node = make_node(ttl=300.0)
+    node.start_pair()
+    first = node.publish(Pod("a-0", "a0000000-0000-0000-0000-000000000000"))
+    assert (first / NAME).read_bytes() == b"v1-secret"
+    sm(aws_env).put_secret_value(SecretId=NAME, SecretString="v2-secret")
+    # Same namespace and service account: served from the shared cache, no provider call (a
+    # call would have brought v2).
+    same = node.publish(Pod("a-1", "a1111111-0000-0000-0000-000000000000"), tokens_in_secrets=True)
+    assert (same / NAME).read_bytes() == b"v1-secret"
+    # Another service account (another role): its own fetch, never the first pod's value.
+    other = node.publish(
+        Pod("b-0", "b0000000-0000-0000-0000-000000000000", service_account="other")
+    )
+    assert (other / NAME).read_bytes() == b"v2-secret"
+    assert (first / NAME).read_bytes() == b"v1-secret"
+
+
+def test_csi_restart_keeps_volumes_readable(
+    make_node: Callable[..., CsiNode], aws_env: dict[str, str]
+) -> None:
+    sm(aws_env).create_secret(Name=NAME, SecretString="v1-secret")
+    node = make_node()
+    node.start_daemon()
+    node.start_csi()
+    pod = Pod("app-0", "c0000000-0000-0000-0000-000000000000")
+    target = node.publish(pod)
+    node.kill("csi")
+    assert (target / NAME).read_bytes() == b"v1-secret"
+    node.start_csi()
+    assert (target / NAME).read_bytes() == b"v1-secret"
+    node.publish(pod)  # the restarted process finds the volume in mountinfo and the daemon
+    node.unpublish(pod)
+    assert not is_mounted(target) and not target.exists()
+    assert "detaching" not in node.log("csi")
+
+
+def test_daemon_gone_publish_unavailable_unpublish_cleans_up(
+    make_node: Callable[..., CsiNode], aws_env: dict[str, str]
+) -> None:
+    import grpc
+
+    from csi.pb import csi_pb2
+
+    sm(aws_env).create_secret(Name=NAME, SecretString="v1-secret")
+    node = make_node()
+    node.start_daemon()
+    node.start_csi()
+    pod = Pod("app-0", "d0000000-0000-0000-0000-000000000000")
+    target = node.publish(pod)
+    node.kill("daemon")
+    assert not node.identity().Probe(csi_pb2.ProbeRequest()).ready.value
+    with pytest.raises(grpc.RpcError) as info:
+        node.publish(Pod("app-1", "d1111111-0000-0000-0000-000000000000"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "daemon is not reachable" in str(info.value.details())
+    node.unpublish(pod)
+    assert not is_mounted(target) and not target.exists()
+    # A new daemon: the csi process mounts a fresh node root and publishing works again.
+    node.start_daemon()
+    assert wait_for(lambda: node.identity().Probe(csi_pb2.ProbeRequest()).ready.value)
+    again = node.publish(pod)
+    assert (again / NAME).read_bytes() == b"v1-secret"
+    node.unpublish(pod)
