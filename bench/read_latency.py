@@ -1,0 +1,287 @@
+"""Read latency of secretfs against tmpfs: open + read(whole file) + close, warm.
+
+Run as root from the project root (it mounts a tmpfs and a FUSE filesystem, and unmounts both)::
+
+    .venv/bin/python bench/read_latency.py [--iterations N] [--daemon-arg=--audit ...]
+
+Files of 100 B, 4 KiB and 64 KiB, each read by one reader and by four parallel readers (four
+processes on the same file), on a tmpfs and on a real secretfs mount (``python -m secretfs mount``
+against a local moto server, long TTL so every open is a cache hit). The timing loop is a small
+C program (bench/readclient.c, compiled into bench/.build/) so the client costs nanoseconds, not
+the microseconds of a Python loop. Prints p50/p99 per configuration and the ratio to tmpfs as a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import random
+import shlex
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.moto_server import FAKE_KEYS, REGION, start_moto  # noqa: E402
+from tests.mounting import Mount, is_mounted, mounted  # noqa: E402
+
+BUILD = ROOT / "bench" / ".build"
+CLIENT_SRC = ROOT / "bench" / "readclient.c"
+# Secrets Manager's SecretString limit is 65536 bytes; moto enforces it too.
+SIZES = {"100 B": 100, "4 KiB": 4096, "64 KiB": 65536}
+READERS = (1, 4)
+
+SPC = """\
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: bench
+spec:
+  provider: aws
+  parameters:
+    objects: |
+{objects}
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    p50_ns: int
+    p99_ns: int
+    samples: int
+
+
+def build_client() -> Path:
+    """Compile readclient.c (again only if the source is newer)."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    exe = BUILD / "readclient"
+    if not exe.exists() or exe.stat().st_mtime < CLIENT_SRC.stat().st_mtime:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            sys.exit("read_latency: no C compiler (cc) found")
+        subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(CLIENT_SRC)], check=True)
+    return exe
+
+
+def fake_text(n: int, seed: int) -> str:
+    rnd = random.Random(seed)
+    return "".join(rnd.choices(string.ascii_letters + string.digits, k=n))
+
+
+def name_for(size: int) -> str:
+    return f"bench-{size}"
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, files: dict[str, str]) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "secretfs-bench", str(where)],
+        check=True,
+    )
+    try:
+        for name, text in files.items():
+            (where / name).write_text(text)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@contextlib.contextmanager
+def secretfs_mount(
+    tmp: Path, files: dict[str, str], ttl: float, extra: list[str]
+) -> Iterator[Mount]:
+    import boto3
+
+    with start_moto() as url:
+        env = {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            **FAKE_KEYS,
+        }
+        sm = boto3.client(
+            "secretsmanager",
+            region_name=REGION,
+            endpoint_url=url,
+            aws_access_key_id=FAKE_KEYS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_KEYS["AWS_SECRET_ACCESS_KEY"],
+        )
+        objects = []
+        for name, text in files.items():
+            sm.create_secret(Name=name, SecretString=text)
+            objects.append(f'      - objectName: "{name}"\n        objectType: "secretsmanager"')
+        spc = SPC.format(objects="\n".join(objects))
+        args = ["--ttl", str(ttl), "--max-stale", str(ttl * 2), "--log-level", "WARNING", *extra]
+        with mounted(spc, tmp, *args, env=env) as m:
+            yield m
+
+
+def daemon_cpu_ns(pid: int) -> int:
+    """CPU time the daemon (all its threads) has used so far."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def measure(client: Path, path: Path, readers: int, iterations: int, warmup: int) -> Result:
+    """Run ``readers`` clients at once on ``path``; percentiles over all their rounds."""
+    per_reader = max(1, iterations // readers)
+    # Everyone warms up first, then starts timing at the same instant.
+    start = time.monotonic_ns() + 300_000_000 + warmup * 200_000
+    procs = [
+        subprocess.Popen(
+            [str(client), str(path), str(per_reader), str(warmup), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(readers)
+    ]
+    samples: list[int] = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"readclient failed on {path}: {err.decode(errors='replace')}")
+        lines = out.split()
+        assert lines[0] == b"size", lines[:2]
+        if int(lines[1]) != path.stat().st_size:
+            raise RuntimeError(
+                f"{path}: read {int(lines[1])} bytes, expected {path.stat().st_size}"
+            )
+        samples.extend(int(x) for x in lines[2:])
+    samples.sort()
+    return Result(_pct(samples, 50), _pct(samples, 99), len(samples))
+
+
+def _pct(sorted_samples: list[int], p: float) -> int:
+    # Nearest rank.
+    k = max(0, min(len(sorted_samples) - 1, round(p / 100 * len(sorted_samples) + 0.5) - 1))
+    return sorted_samples[k]
+
+
+def us(ns: int) -> str:
+    v = ns / 1000
+    return f"{v:.2f} µs" if v < 10 else f"{v:.1f} µs" if v < 100 else f"{v:.0f} µs"
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"nproc {len(os.sched_getaffinity(0))}, kernel {platform.release()}, {cpu}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--iterations",
+        type=int,
+        default=20000,
+        help="timed rounds per configuration, split between the readers (20000)",
+    )
+    ap.add_argument("--warmup", type=int, default=500, help="untimed rounds per reader (500)")
+    ap.add_argument("--ttl", type=float, default=3600.0, help="secretfs --ttl (3600)")
+    ap.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `secretfs mount` (repeatable), e.g. --daemon-arg=--audit",
+    )
+    ap.add_argument(
+        "--hold",
+        action="store_true",
+        help="after the table, keep the mounts until Enter (for profiling the daemon)",
+    )
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("read_latency: needs root (mounts a tmpfs and a FUSE filesystem)")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        sys.exit("read_latency: needs /dev/fuse and fusermount3")
+    client = build_client()
+    files = {name_for(n): fake_text(n, n) for n in SIZES.values()}
+    began = time.monotonic()
+    rows: list[str] = []
+    cpu_notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="secretfs-bench-") as d:
+        tmp = Path(d)
+        with (
+            tmpfs(tmp / "tmpfs", files) as t,
+            secretfs_mount(tmp, files, args.ttl, args.daemon_arg) as m,
+        ):
+            for label, size in SIZES.items():
+                name = name_for(size)
+                if m.read(name) != files[name].encode():
+                    raise RuntimeError(f"secretfs serves other bytes than stored for {name}")
+                for readers in READERS:
+                    a = measure(client, t / name, readers, args.iterations, args.warmup)
+                    cpu0 = daemon_cpu_ns(m.proc.pid)
+                    b = measure(client, m.file(name), readers, args.iterations, args.warmup)
+                    if readers == 1:
+                        rounds = b.samples + args.warmup
+                        cpu = (daemon_cpu_ns(m.proc.pid) - cpu0) / rounds
+                        cpu_notes.append(f"{label}: {us(round(cpu))}")
+                    rows.append(
+                        f"| {label} | {readers} | {us(a.p50_ns)} | {us(a.p99_ns)} | "
+                        f"{us(b.p50_ns)} | {us(b.p99_ns)} | {b.p50_ns / a.p50_ns:.1f}x |"
+                    )
+            if args.hold:
+                print(
+                    f"mounted: tmpfs {t}, secretfs {m.path} (daemon pid {m.proc.pid}); "
+                    "press Enter to unmount",
+                    file=sys.stderr,
+                )
+                sys.stdin.readline()
+            daemon_log = m.log().strip()
+        for p in (tmp / "tmpfs", tmp / "mnt"):
+            if is_mounted(p):
+                print(f"read_latency: {p} is still mounted", file=sys.stderr)
+    elapsed = time.monotonic() - began
+    print("# secretfs read latency: open + read(whole file) + close, warm")
+    print()
+    print(f"Machine: {machine()}")
+    print(f"Command: {shlex.join([sys.executable, *sys.argv])}")
+    print(
+        f"Rounds per configuration: {args.iterations} (split between readers), "
+        f"warm-up {args.warmup} per reader; total {elapsed:.1f} s"
+    )
+    print()
+    print(
+        "| file size | readers | tmpfs p50 | tmpfs p99 | secretfs p50 | secretfs p99 | ratio p50 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(r)
+    print()
+    print(
+        "secretfs daemon CPU per round, single reader (OPEN + RELEASE requests): "
+        + ", ".join(cpu_notes)
+    )
+    if daemon_log:
+        print(f"\nsecretfs daemon log:\n{daemon_log}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
