@@ -29,7 +29,7 @@ from secretfs import volumes
 from secretfs.volumes import Volume, Volumes
 from tests.fake_provider import FakeProvider
 from tests.mounting import Mount, mounted, needs_fuse, wait_for
-from tests.vault_server import Recorded, VaultTestServer, run_vault_server
+from tests.vault_server import Recorded, ServerTLS, VaultTestServer, make_tls, run_vault_server
 
 TOKEN = "hvs.e2e-standalone-token"  # a test server's token, not a credential
 
@@ -95,6 +95,31 @@ spec:
       - objectName: "dbPassword"
         secretPath: "database/creds/db-app"
         secretKey: "password"
+"""
+
+# vault-csi-provider's PKI class (test/bats/configs/vault-pki-secretproviderclass.yaml): PUT with
+# secretArgs over TLS with a CA file. Address and CA path are the only changes.
+PKI_ADDRESS, PKI_CA = "https://vault:8200", "/mnt/tls/ca.crt"
+PKI_SPC = """\
+apiVersion: secrets-store.csi.x-k8s.io/v1
+kind: SecretProviderClass
+metadata:
+  name: vault-pki
+spec:
+  provider: vault
+  parameters:
+    roleName: "pki-role"
+    audience: "vault"
+    vaultAddress: https://vault:8200
+    vaultCACertPath: /mnt/tls/ca.crt
+    # N.B. No secretKey means the whole JSON response will be written.
+    objects: |
+      - objectName: "certs"
+        secretPath: "pki/issue/example-dot-com"
+        secretArgs:
+          common_name: "test.example.com"
+          ttl: "24h"
+        method: "PUT"
 """
 
 ROTATING_SPC = """\
@@ -165,6 +190,15 @@ def vault() -> Iterator[VaultTestServer]:
     with run_vault_server() as v:
         v.add_token(TOKEN, policies=["*"])
         yield v
+        assert not v.server_errors
+
+
+@pytest.fixture
+def vault_tls(tmp_path: Path) -> Iterator[tuple[VaultTestServer, ServerTLS]]:
+    tls = make_tls(sub(tmp_path, "tls"))  # trustme CA: a file only because the SPC names one
+    with run_vault_server(tls=tls) as v:
+        v.add_token(TOKEN, policies=["*"])
+        yield v, tls
         assert not v.server_errors
 
 
@@ -328,6 +362,43 @@ def test_a_failed_renewal_is_logged_and_the_credentials_stay(
         assert creds(m) == before
         assert m.proc.poll() is None
         assert "database/creds/db-app" in m.log()
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_sigterm_with_revoke_leases_revokes_too(vault: VaultTestServer, tmp_path: Path) -> None:
+    vault.add_db_role("database", "db-app", ttl=3600)
+    with mounted(DOCS_DB_SPC, tmp_path, "--revoke-leases", env=ambient(vault)) as m:
+        assert creds(m)[0]
+        [lease] = vault.issued_leases
+        m.proc.terminate()  # what a service manager does at shutdown
+        assert m.proc.wait(20) == 0
+    assert vault.revoked_leases == [lease]
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_upstreams_pki_class_over_tls_issues_once(
+    vault_tls: tuple[VaultTestServer, ServerTLS], tmp_path: Path
+) -> None:
+    vault, tls = vault_tls
+    vault.add_pki_role("pki", "example-dot-com", ttl=86400, generate_lease=True)
+    spc = PKI_SPC.replace(PKI_ADDRESS, vault.url).replace(PKI_CA, tls.ca_path)
+    with mounted(spc, sub(tmp_path, "m"), "--ttl", "1", "--revoke-leases", env=ambient(vault)) as m:
+        first = m.read("certs")
+        answer = json.loads(first)  # no secretKey: Vault's whole answer, lease and all
+        assert answer["lease_id"] == vault.issued_leases[0]
+        assert answer["data"]["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+        assert answer["data"]["private_key"].startswith("-----BEGIN RSA PRIVATE KEY-----")
+        [put] = [r for r in vault.requests if r.path == "pki/issue/example-dot-com"]
+        assert put.method == "PUT"
+        assert put.body == {"common_name": "test.example.com", "ttl": "24h"}
+        time.sleep(1.5)  # past the TTL: a certificate is issued once per volume, not per TTL
+        assert m.read("certs") == first
+        assert calls(vault, "pki/issue/example-dot-com") == 1
+        assert m.unmount() == 0
+    assert vault.revoked_leases == vault.issued_leases
+    assert "PRIVATE KEY" not in m.log()
 
 
 # --- static values ----------------------------------------------------------------------------
