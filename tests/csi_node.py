@@ -70,6 +70,7 @@ class CsiNode:
     tmp_path: Path
     kubeconfig: Path
     ttl: float = 120.0
+    log_level: str = "DEBUG"
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sfs-", dir="/tmp")))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_port: int = field(default_factory=free_port)
@@ -93,7 +94,7 @@ class CsiNode:
         log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "secretfs", *args, "--log-level", "DEBUG"],
+                [sys.executable, "-m", "secretfs", *args, "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
