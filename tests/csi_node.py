@@ -90,11 +90,13 @@ class CsiNode:
 
     # --- processes ---
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, *args: str, prefix: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "secretfs", *args, "--log-level", self.log_level],
+                [*prefix, sys.executable, "-m", "secretfs", *args, "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -123,10 +125,15 @@ class CsiNode:
             str(self.kubeconfig),
         ]
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, no_capabilities: bool = False) -> None:
+        """Start the daemon; with ``no_capabilities`` it runs with every capability dropped
+        (no CAP_SYS_ADMIN: it cannot mount anything, and needs not)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.daemon_socket)
-        proc = self._spawn("daemon", "daemon", *self.daemon_args())
+        prefix = (
+            ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--") if no_capabilities else ()
+        )
+        proc = self._spawn("daemon", "daemon", *self.daemon_args(), prefix=prefix)
         self._wait(lambda: os.path.exists(self.daemon_socket), proc, "daemon")
 
     def start_csi(self) -> None:

@@ -112,7 +112,9 @@ def test_csi_restart_keeps_volumes_readable(
 ) -> None:
     sm(aws_env).create_secret(Name=NAME, SecretString="v1-secret")
     node = make_node()
-    node.start_daemon()
+    node.start_daemon(no_capabilities=True)  # the daemon needs no mount privilege
+    status = Path(f"/proc/{node.procs['daemon'].pid}/status").read_text()
+    assert "CapEff:\t0000000000000000" in status
     node.start_csi()
     pod = Pod("app-0", "c0000000-0000-0000-0000-000000000000")
     target = node.publish(pod)

@@ -1,0 +1,109 @@
+"""The daemon's control operations in-process (no FUSE session): error classes and codes, identity
+decoding (never the daemon's own ambient identity), add/refresh/remove over the real socket."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from providers.base import FetchError
+from secretfs import control
+from secretfs.control import ControlError
+from secretfs.daemon import DaemonOptions, classify, identity_from, serve
+from secretfs.volumes import VolumeError
+
+
+def test_classify_fetch_failures() -> None:
+    def err(*errors: FetchError) -> VolumeError:
+        return VolumeError("x", errors)
+
+    gone = FetchError("db", "not found", transient=False, code="NotFound")
+    denied = FetchError("db", "denied", transient=False, code="AccessDenied")
+    outage = FetchError("db", "timeout", transient=True)
+    assert classify(err()) == control.UNAVAILABLE  # deadline: retry
+    assert classify(err(gone, outage)) == control.UNAVAILABLE
+    assert classify(err(denied)) == control.PERMISSION_DENIED
+    assert classify(err(gone)) == control.FAILED_PRECONDITION
+
+
+def test_identity_is_never_ambient() -> None:
+    for bad in (None, {}, {"namespace": ""}, {"service_account": "app"}):
+        with pytest.raises(ControlError) as info:
+            identity_from(bad)
+        assert info.value.code == control.INVALID_ARGUMENT
+    ident = identity_from(
+        {
+            "namespace": "ns",
+            "service_account": "sa",
+            "tokens": {"aud": {"token": "t0k", "expirationTimestamp": "2099"}, "bad": "x"},
+            "secrets": {"k": "v"},
+            "sa_annotations": {"a": "b"},
+        }
+    )
+    assert not ident.ambient and list(ident.tokens) == ["aud"]
+    assert "t0k" not in repr(ident) and "'v'" not in repr(ident)
+
+
+async def test_operations_over_the_socket(
+    tmp_path: Path, aws_env: dict[str, str], nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    # harden() would make the whole pytest process non-dumpable; not this test's subject.
+    monkeypatch.setattr("secretfs.daemon.harden", lambda lock: {})
+
+    boto3.client(
+        "secretsmanager", region_name=aws_env["region"], endpoint_url=aws_env["endpoint_url"]
+    ).create_secret(Name="db", SecretString="v1")
+    path = str(tmp_path / "d.sock")
+    started = trio.Event()
+    nursery.start_soon(serve, path, DaemonOptions(lock_memory=False), started.set)
+    await started.wait()
+    client = control.Client(path)
+
+    async def call(fn: object, *args: object) -> dict[str, object]:
+        return await trio.to_thread.run_sync(fn, *args)  # type: ignore[arg-type]
+
+    status = await call(client.status)
+    assert status["attached"] is False and status["volumes"] == []
+    spc = {
+        "name": "app",
+        "provider": "aws",
+        "parameters": {"objects": "- objectName: db\n  objectType: secretsmanager\n"},
+    }
+    # Ambient AWS keys are in this process's environment, but a pod gets only its own identity:
+    # without a token and role the fetch is refused, never served with the daemon's keys.
+    ident = {"namespace": "ns", "service_account": "sa"}
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30))
+    assert info.value.code == control.FAILED_PRECONDITION
+    assert "SecretProviderClass ns/app" in info.value.message
+    ident["sa_annotations"] = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/r"}
+    ident["tokens"] = {"sts.amazonaws.com": {"token": "a.b.c"}}
+    answer = await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30))
+    assert answer["existing"] is False and answer["files"] == 1
+    assert (await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30)))["existing"] is True
+    other = {**ident, "service_account": "other"}
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.add("vol-1", spc, {}, other, 0, 30))
+    assert info.value.code == control.ALREADY_EXISTS
+    bad = {**spc, "parameters": {"objects": "- objectType: secretsmanager\n"}}
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.add("vol-2", bad, {}, ident, 0, 30))
+    assert info.value.code == control.INVALID_ARGUMENT and "objectName" in info.value.message
+    refreshed = await call(lambda: client.refresh("vol-1", {"sts.amazonaws.com": {"token": "n"}}))
+    assert refreshed == {"ok": True, "tokens": 1, "provider": "aws"}
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.refresh("vol-9", {}))
+    assert info.value.code == control.NOT_FOUND
+    assert (await call(lambda: client.remove("vol-1")))["removed"] is True
+    assert (await call(lambda: client.remove("vol-1")))["removed"] is False
+    assert (await call(client.status))["volumes"] == []
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.call("nonsense", volume_id="x"))
+    assert info.value.code == control.INVALID_ARGUMENT
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    nursery.cancel_scope.cancel()
