@@ -102,10 +102,20 @@ class Node:
             status = self.status()
             root = mounts.node_root(mounts.read_mountinfo(), self.mount_root)
             if status.get("attached"):
-                if root is None or not status.get("serving"):
+                if not status.get("serving"):
                     raise CsiError(
                         S.UNAVAILABLE,
                         "the secretfs daemon's FUSE session has ended; it is restarting",
+                        metrics.DAEMON_UNAVAILABLE,
+                    )
+                if root is None:
+                    # The daemon serves a root this process cannot see: a csi container restarted
+                    # without Bidirectional propagation on the mount root's volume.
+                    raise CsiError(
+                        S.UNAVAILABLE,
+                        f"the daemon serves a node root that is not mounted at {self.mount_root} "
+                        "in this mount namespace (mount its directory with Bidirectional "
+                        "propagation); restart the daemon to recover",
                         metrics.DAEMON_UNAVAILABLE,
                     )
                 return root, status
