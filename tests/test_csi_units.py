@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import filecmp
 import json
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 
 from csi import kube, mounts
 from csi.node import TOKENS_KEY, publish_request
@@ -21,7 +24,30 @@ from tests.kube_server import KubeServer, kube_api  # noqa: F401
 from tests.mounting import ROOT
 
 
+def _strip_json_names(msg: descriptor_pb2.DescriptorProto) -> None:
+    for f in msg.field:
+        f.ClearField("json_name")
+    for nested in msg.nested_type:
+        _strip_json_names(nested)
+
+
 def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
+    # What the .proto describes is exactly what the committed stubs serve (any tool version).
+    out = tmp_path / "set.pb"
+    protoc = [sys.executable, "-m", "grpc_tools.protoc", "-Icsi/proto"]
+    subprocess.run(
+        [*protoc, f"--descriptor_set_out={out}", "csi/proto/csi.proto"], check=True, cwd=ROOT
+    )
+    want = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    for m in want.message_type:
+        _strip_json_names(m)
+    have = descriptor_pb2.FileDescriptorProto.FromString(csi_pb2.DESCRIPTOR.serialized_pb)
+    assert have == want, "csi/proto/csi.proto changed: run scripts/gen_proto.sh and commit csi/gen"
+    # With the grpcio-tools that generated them, regenerating gives the same files byte for byte.
+    gen = ROOT / "csi/gen/csi_pb2_grpc.py"
+    recorded = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", gen.read_text())
+    if recorded is None or recorded.group(1) != version("grpcio-tools"):
+        return
     subprocess.run([str(ROOT / "scripts/gen_proto.sh"), str(tmp_path)], check=True, cwd=ROOT)
     names = ["csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"]
     _, mismatch, errors = filecmp.cmpfiles(tmp_path, ROOT / "csi/gen", names, shallow=False)
