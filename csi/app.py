@@ -35,7 +35,9 @@ class CsiOptions:
 
 
 def run(opts: CsiOptions) -> int:
-    node = Node(control.Client(opts.daemon_socket), Kube(opts.kubeconfig), opts.mount_root)
+    kube_api = Kube(opts.kubeconfig)
+    threading.Thread(target=kube_api.warm, name="warm", daemon=True).start()
+    node = Node(control.Client(opts.daemon_socket), kube_api, opts.mount_root)
 
     def register(server: object) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(

@@ -55,6 +55,12 @@ class Kube:
                     self._api = client.ApiClient(cfg)
             return self._api
 
+    def warm(self) -> None:
+        """Load the client's lazily imported API and model modules (about a second) now, so the
+        first NodePublishVolume does not pay for it."""
+        for attr in ("CoreV1Api", "CustomObjectsApi", "V1ServiceAccount", "V1ObjectMeta"):
+            getattr(client, attr)
+
     def secret_provider_class(self, namespace: str, name: str) -> dict[str, Any]:
         what = f"SecretProviderClass {namespace}/{name}"
         try:
