@@ -142,19 +142,30 @@ def daemon_cpu_ns(pid: int) -> int:
 def measure(client: Path, path: Path, readers: int, iterations: int, warmup: int) -> Result:
     """Run ``readers`` clients at once on ``path``; percentiles over all their rounds."""
     per_reader = max(1, iterations // readers)
-    # Everyone warms up first, then starts timing at the same instant.
-    start = time.monotonic_ns() + 300_000_000 + warmup * 200_000
     procs = [
         subprocess.Popen(
-            [str(client), str(path), str(per_reader), str(warmup), str(start)],
+            [str(client), str(path), str(per_reader), str(warmup), "--barrier"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         for _ in range(readers)
     ]
+    # Everyone warms up first, then all start timing at once.
+    for p in procs:
+        assert p.stdout is not None
+        if p.stdout.readline() != b"ready\n":
+            err = p.communicate(timeout=60)[1].decode(errors="replace")
+            raise RuntimeError(f"readclient failed on {path}: {err}")
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(b"g")
+        p.stdin.close()
     samples: list[int] = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        assert p.stdout is not None and p.stderr is not None
+        out, err = p.stdout.read(), p.stderr.read()
+        p.wait(timeout=120)
         if p.returncode != 0:
             raise RuntimeError(f"readclient failed on {path}: {err.decode(errors='replace')}")
         lines = out.split()

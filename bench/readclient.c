@@ -1,12 +1,13 @@
 /* readclient: time open + read(whole file) + close, the way an application reads a secret.
  *
- *   readclient PATH ITERATIONS WARMUP [START_NS]
+ *   readclient PATH ITERATIONS WARMUP [--barrier]
  *
- * Reads PATH WARMUP times untimed, then (if START_NS is given) sleeps until CLOCK_MONOTONIC
- * reaches START_NS, so parallel clients start together, then times ITERATIONS rounds of
- * open(O_RDONLY) + read() until EOF + close() with clock_gettime(CLOCK_MONOTONIC) and prints
- * one line per round: "<nanoseconds>". The first line is "size <bytes>" (what one round read),
- * so the caller can check the whole file came back. Exit status 1 on any error.
+ * Reads PATH WARMUP times untimed; with --barrier it then prints "ready" and waits for a byte
+ * on stdin, so parallel clients start timing together (after all have warmed up). Then it times
+ * ITERATIONS rounds of open(O_RDONLY) + read() until EOF + close() with
+ * clock_gettime(CLOCK_MONOTONIC) and, after the loop, prints "size <bytes>" (what one round
+ * read, so the caller can check the whole file came back) and one line per round:
+ * "<nanoseconds>". Exit status 1 on any error.
  *
  * Compiled by bench/read_latency.py into bench/.build/ (cc -O2).
  */
@@ -50,8 +51,8 @@ static long one_round(const char *path) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 4 || argc > 5) {
-        fprintf(stderr, "usage: %s PATH ITERATIONS WARMUP [START_NS]\n", argv[0]);
+    if (argc < 4 || argc > 5 || (argc == 5 && strcmp(argv[4], "--barrier") != 0)) {
+        fprintf(stderr, "usage: %s PATH ITERATIONS WARMUP [--barrier]\n", argv[0]);
         return 2;
     }
     const char *path = argv[1];
@@ -75,11 +76,12 @@ int main(int argc, char **argv) {
         }
     }
     if (argc == 5) {
-        struct timespec start;
-        int64_t start_ns = strtoll(argv[4], NULL, 10);
-        start.tv_sec = start_ns / 1000000000;
-        start.tv_nsec = start_ns % 1000000000;
-        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &start, NULL) == EINTR) {
+        char go;
+        printf("ready\n");
+        fflush(stdout);
+        if (read(0, &go, 1) != 1) {
+            fprintf(stderr, "readclient: no go signal on stdin\n");
+            return 1;
         }
     }
     for (long i = 0; i < iterations; i++) {
