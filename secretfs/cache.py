@@ -18,6 +18,7 @@ Runs on the trio thread only; the loaders it calls do their blocking work in wor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -80,6 +81,8 @@ class SecretCache:
         self._failures: Counter[Hashable] = Counter()
         self._retry_at: dict[Hashable, float] = {}
         self._refs: Counter[Hashable] = Counter()
+        # (version, sha256 of the bytes) last stored per key: tells a change from a re-fetch.
+        self._seen: dict[Hashable, tuple[str, bytes]] = {}
         # The last loader each key was fetched with, for refreshes started by peek().
         self._loaders: dict[Hashable, Loader] = {}
         # Keys released while a fetch for them was in flight: its result is thrown away.
@@ -110,6 +113,7 @@ class SecretCache:
                 self._failures.pop(k, None)
                 self._retry_at.pop(k, None)
                 self._loaders.pop(k, None)
+                self._seen.pop(k, None)
                 if k in self._inflight:
                     self._discard.add(k)
 
@@ -138,15 +142,23 @@ class SecretCache:
             self._refresh_soon(key, None)
         return entry.value
 
-    async def get(self, key: Hashable, load: Loader, *, dynamic: bool = False) -> Fetched:
+    def get_nowait(self, key: Hashable, load: Loader, *, dynamic: bool = False) -> Fetched | None:
+        """What ``get`` returns without waiting (a hit, fresh or stale), else None: the caller
+        only needs a deadline when this is None."""
         entry = self._dynamic.get(key) if dynamic else self._static.get(key)
-        if entry is not None:
-            if dynamic or self._clock() - entry.fetched_at < self.ttl:
-                self.stats.hits += 1
-            else:
-                self.stats.stale_hits += 1
-                self._refresh_soon(key, load)
-            return entry.value
+        if entry is None:
+            return None
+        if dynamic or self._clock() - entry.fetched_at < self.ttl:
+            self.stats.hits += 1
+        else:
+            self.stats.stale_hits += 1
+            self._refresh_soon(key, load)
+        return entry.value
+
+    async def get(self, key: Hashable, load: Loader, *, dynamic: bool = False) -> Fetched:
+        value = self.get_nowait(key, load, dynamic=dynamic)
+        if value is not None:
+            return value
         self.stats.misses += 1
         for attempt in range(FOREGROUND_TRIES):
             await self._wait_flight(key, load, dynamic)
@@ -164,16 +176,17 @@ class SecretCache:
     def _store(self, key: Hashable, value: Fetched, dynamic: bool) -> None:
         table: cachetools.TTLCache[Hashable, _Entry] | dict[Hashable, _Entry]
         table = self._dynamic if dynamic else self._static
-        # Look at the old value even if it is past max_stale: a change is a change.
-        old = table.get(key)
         table[key] = _Entry(value, self._clock())
         self._errors.pop(key, None)
         self._failures.pop(key, None)
         self._retry_at.pop(key, None)
-        changed = old is not None and (
-            old.value.version != value.version or old.value.data != value.data
-        )
-        if changed and self._on_change is not None:
+        # Compare with what was served last, even if that value has since expired past max_stale
+        # or was dropped after a permanent error: the kernel may still cache its size and pages.
+        # A digest, not the bytes, so nothing expired lingers in memory.
+        seen = (value.version, hashlib.sha256(value.data).digest())
+        old = self._seen.get(key)
+        self._seen[key] = seen
+        if old is not None and old != seen and self._on_change is not None:
             self._on_change(key)
 
     def _refresh_soon(self, key: Hashable, load: Loader | None) -> None:

@@ -176,3 +176,16 @@ def test_ttl_and_max_stale_are_checked() -> None:
         SecretCache(ttl=0, max_stale=10)
     with pytest.raises(ValueError):
         SecretCache(ttl=10, max_stale=5)
+
+
+async def test_a_change_after_expiry_is_still_reported(autojump_clock: trio.abc.Clock) -> None:
+    changed: list[Hashable] = []
+    cache = SecretCache(ttl=1, max_stale=2, on_change=changed.append)
+    assert await cache.get("k", Loader(V1)) == V1
+    await trio.sleep(5)  # past max_stale: the value is gone, but the kernel may cache its size
+    assert await cache.get("k", Loader(V2)) == V2
+    assert changed == ["k"]
+    assert await cache.get("k", Loader(V2)) == V2
+    await trio.sleep(5)
+    assert await cache.get("k", Loader(V2)) == V2  # the same value again is no change
+    assert changed == ["k"]
