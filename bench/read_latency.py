@@ -8,14 +8,17 @@ Files of 100 B, 4 KiB and 64 KiB, each read by one reader and by four parallel r
 processes on the same file), on a tmpfs and on a real secretfs mount (``python -m secretfs mount``
 against a local moto server, long TTL so every open is a cache hit). The timing loop is a small
 C program (bench/readclient.c, compiled into bench/.build/) so the client costs nanoseconds, not
-the microseconds of a Python loop. Prints p50/p99 per configuration and the ratio to tmpfs as a
-Markdown table.
+the microseconds of a Python loop. The same files are also served by a bare pyfuse3 filesystem
+(bench/bare_fs.py: answers from memory, keep_cache, no checks), the floor for any pyfuse3
+filesystem on this machine. Prints p50/p99 per configuration, the ratio to tmpfs and the ratio to
+the bare pyfuse3 filesystem as a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
@@ -38,6 +41,7 @@ from tests.mounting import Mount, is_mounted, mounted  # noqa: E402
 
 BUILD = ROOT / "bench" / ".build"
 CLIENT_SRC = ROOT / "bench" / "readclient.c"
+BARE_FS = ROOT / "bench" / "bare_fs.py"
 # Secrets Manager's SecretString limit is 65536 bytes; moto enforces it too.
 SIZES = {"100 B": 100, "4 KiB": 4096, "64 KiB": 65536}
 READERS = (1, 4)
@@ -130,6 +134,35 @@ def secretfs_mount(
             yield m
 
 
+@contextlib.contextmanager
+def bare_mount(where: Path, files: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """bench/bare_fs.py mounted at ``where`` (a subprocess, like the secretfs daemon)."""
+    where.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(BARE_FS), str(where)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(files).encode())
+        proc.stdin.close()
+        if proc.stdout.readline() != b"ready\n" or not is_mounted(where):
+            raise RuntimeError("bench/bare_fs.py did not mount")
+        yield proc
+    finally:
+        if is_mounted(where):
+            subprocess.run(["fusermount3", "-u", "-z", str(where)], check=False)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
 def daemon_cpu_ns(pid: int) -> int:
     """CPU time the daemon (all its threads) has used so far."""
     total = 0
@@ -155,8 +188,8 @@ def measure(client: Path, path: Path, readers: int, iterations: int, warmup: int
     for p in procs:
         assert p.stdout is not None
         if p.stdout.readline() != b"ready\n":
-            err = p.communicate(timeout=60)[1].decode(errors="replace")
-            raise RuntimeError(f"readclient failed on {path}: {err}")
+            msg = p.communicate(timeout=60)[1].decode(errors="replace")
+            raise RuntimeError(f"readclient failed on {path}: {msg}")
     for p in procs:
         assert p.stdin is not None
         p.stdin.write(b"g")
@@ -235,18 +268,28 @@ def main() -> int:
     began = time.monotonic()
     rows: list[str] = []
     cpu_notes: list[str] = []
+    bare_cpu: list[str] = []
     with tempfile.TemporaryDirectory(prefix="secretfs-bench-") as d:
         tmp = Path(d)
+        bare = tmp / "bare"
         with (
             tmpfs(tmp / "tmpfs", files) as t,
+            bare_mount(bare, files) as bare_proc,
             secretfs_mount(tmp, files, args.ttl, args.daemon_arg) as m,
         ):
             for label, size in SIZES.items():
                 name = name_for(size)
                 if m.read(name) != files[name].encode():
                     raise RuntimeError(f"secretfs serves other bytes than stored for {name}")
+                if (bare / name).read_bytes() != files[name].encode():
+                    raise RuntimeError(f"bare_fs serves other bytes than stored for {name}")
                 for readers in READERS:
                     a = measure(client, t / name, readers, args.iterations, args.warmup)
+                    cpu0 = daemon_cpu_ns(bare_proc.pid)
+                    c = measure(client, bare / name, readers, args.iterations, args.warmup)
+                    if readers == 1:
+                        cpu = (daemon_cpu_ns(bare_proc.pid) - cpu0) / (c.samples + args.warmup)
+                        bare_cpu.append(f"{label}: {us(round(cpu))}")
                     cpu0 = daemon_cpu_ns(m.proc.pid)
                     b = measure(client, m.file(name), readers, args.iterations, args.warmup)
                     if readers == 1:
@@ -255,17 +298,19 @@ def main() -> int:
                         cpu_notes.append(f"{label}: {us(round(cpu))}")
                     rows.append(
                         f"| {label} | {readers} | {us(a.p50_ns)} | {us(a.p99_ns)} | "
-                        f"{us(b.p50_ns)} | {us(b.p99_ns)} | {b.p50_ns / a.p50_ns:.1f}x |"
+                        f"{us(b.p50_ns)} | {us(b.p99_ns)} | {b.p50_ns / a.p50_ns:.1f}x | "
+                        f"{us(c.p50_ns)} | {b.p50_ns / c.p50_ns:.2f}x |"
                     )
             if args.hold:
                 print(
-                    f"mounted: tmpfs {t}, secretfs {m.path} (daemon pid {m.proc.pid}); "
+                    f"mounted: tmpfs {t}, bare pyfuse3 {bare}, secretfs {m.path} "
+                    f"(daemon pid {m.proc.pid}); "
                     "press Enter to unmount",
                     file=sys.stderr,
                 )
                 sys.stdin.readline()
             daemon_log = m.log().strip()
-        for p in (tmp / "tmpfs", tmp / "mnt"):
+        for p in (tmp / "tmpfs", bare, tmp / "mnt"):
             if is_mounted(p):
                 print(f"read_latency: {p} is still mounted", file=sys.stderr)
     elapsed = time.monotonic() - began
@@ -279,9 +324,10 @@ def main() -> int:
     )
     print()
     print(
-        "| file size | readers | tmpfs p50 | tmpfs p99 | secretfs p50 | secretfs p99 | ratio p50 |"
+        "| file size | readers | tmpfs p50 | tmpfs p99 | secretfs p50 | secretfs p99 | ratio p50 "
+        "| bare pyfuse3 p50 | secretfs / bare |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)
     print()
@@ -289,6 +335,7 @@ def main() -> int:
         "secretfs daemon CPU per round, single reader (OPEN + RELEASE requests): "
         + ", ".join(cpu_notes)
     )
+    print("bare pyfuse3 daemon CPU per round, single reader: " + ", ".join(bare_cpu))
     if daemon_log:
         print(f"\nsecretfs daemon log:\n{daemon_log}", file=sys.stderr)
     return 0
