@@ -888,6 +888,8 @@ def test_tls_with_ca_file_or_directory(tls_vault: tuple[VaultTestServer, Any]) -
     assert not isinstance(_tls_fetch(srv.url, vaultCADirectory=tls.ca_dir), FetchError)
 
 
+# vaultSkipTLSVerify makes urllib3 warn on every request; that warning is the point here.
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_tls_untrusted_and_skip_verify(tls_vault: tuple[VaultTestServer, Any]) -> None:
     srv, _ = tls_vault
     err = _tls_fetch(srv.url)
