@@ -254,7 +254,7 @@ class SecretFS(pyfuse3.Operations):
         if st.open_versions[v] <= 0:
             del st.open_versions[v]
             st.open_sizes.pop(v, None)
-            cur = self.volumes.peek(h.inode) if self.tree.get(h.inode) else None
+            cur = self.volumes.current(h.inode) if self.tree.get(h.inode) else None
             if cur is not None and cur.version != v:
                 # The last handle of an old version is gone: let the kernel re-read attributes
                 # so the next open can use the page cache again.

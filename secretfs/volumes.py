@@ -175,6 +175,15 @@ class Volumes:
         except FetchError:
             return None
 
+    def current(self, inode: int) -> Rendered | None:
+        """What ``peek`` answers, without a cache lookup while nothing changed: the last render of
+        an inode is dropped whenever its value changes (``_changed``) or its volume goes, so a
+        render still held is the version the cache serves (or served last, if it has none now).
+        Only when it was dropped does this look in the cache (``peek``, which may start a
+        refresh)."""
+        cur = self._rendered.get(inode)
+        return cur if cur is not None else self.peek(inode)
+
     # --- internals ----------------------------------------------------------------------------
 
     def _key(self, vol: Volume, spec: FileSpec) -> Hashable:

@@ -249,3 +249,51 @@ async def test_dynamic_sources_belong_to_one_volume(fake: FakeProvider) -> None:
         assert vols.cache.peek(ka, dynamic=True).data == b"user-1"  # type: ignore[union-attr]
         assert vols.cache.peek(kb, dynamic=True).data == b"user-2"  # type: ignore[union-attr]
         n.cancel_scope.cancel()
+
+
+async def test_last_close_of_an_old_version_invalidates_the_inode(
+    fs: SecretFS,
+    fake: FakeProvider,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mock_clock.rate = 1
+    invalidated: list[set[int]] = []
+    monkeypatch.setattr(fs, "invalidate", invalidated.append)
+    cache = fs.volumes.cache
+    db = await ino(fs, "db")
+
+    async def change(value: bytes) -> None:
+        calls = fake.calls["db"]
+        fake.set("db", value)
+        mock_clock.jump(11)
+        await read_all(fs, db)  # stale: served, and a refresh starts
+        await until(lambda: fake.calls["db"] == calls + 1 and not cache._inflight)
+
+    async def release(fh: int) -> list[set[int]]:
+        invalidated.clear()
+        await fs.release(fh)
+        return list(invalidated)
+
+    # Closing a handle of the current version: nothing to invalidate.
+    await fs.getattr(db, CTX)
+    h1 = await fs.open(db, os.O_RDONLY, CTX)
+    assert await release(h1.fh) == []
+    # The value changed and nothing opened the new one yet.
+    h1 = await fs.open(db, os.O_RDONLY, CTX)
+    await change(b"password-2")
+    assert await release(h1.fh) == [{db}]
+    # The value changed and the new version is already open.
+    h2 = await fs.open(db, os.O_RDONLY, CTX)
+    await change(b"password-3")
+    h3 = await fs.open(db, os.O_RDONLY, CTX)
+    assert await fs.read(h3.fh, 0, 100) == b"password-3"
+    assert await release(h2.fh) == [{db}]
+    assert await release(h3.fh) == []
+    # The cache dropped the value (permanent error): the last version served is still current.
+    h4 = await fs.open(db, os.O_RDONLY, CTX)
+    fake.fail["db"] = FetchError("db", "gone", transient=False)
+    mock_clock.jump(11)
+    await read_all(fs, db)
+    await until(lambda: len(cache) == 1 and not cache._inflight)  # only "api" is left
+    assert await release(h4.fh) == []
