@@ -22,12 +22,10 @@ import hashlib
 import logging
 import math
 import random
-import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 
-import cachetools
 import trio
 
 from providers.base import Fetched, FetchError
@@ -46,6 +44,7 @@ MAX_BACKOFF = 60.0
 class _Entry:
     value: Fetched
     fetched_at: float
+    expires: float = math.inf  # too old to serve from then on (fetched_at + max_stale)
 
 
 @dataclass
@@ -71,10 +70,10 @@ class SecretCache:
         self.max_stale = max_stale
         self._clock = clock
         self._on_change = on_change
-        # Eviction at max_stale is exactly "too old to serve"; TTL restarts on every refresh.
-        self._static: cachetools.TTLCache[Hashable, _Entry] = cachetools.TTLCache(
-            maxsize=sys.maxsize, ttl=max_stale, timer=clock
-        )
+        # Static values in order of expiry (every store moves its key to the end). A value at
+        # max_stale is gone: lookups treat it as missing and drop it, and every store drops all
+        # such values, so expired secret bytes do not linger. TTL restarts on every refresh.
+        self._static: dict[Hashable, _Entry] = {}
         self._dynamic: dict[Hashable, _Entry] = {}
         self._inflight: dict[Hashable, trio.Event] = {}
         self._errors: dict[Hashable, FetchError] = {}
@@ -123,32 +122,46 @@ class SecretCache:
 
     def fresh(self, key: Hashable) -> Fetched | None:
         """A static value younger than the TTL, or None (lets a publish skip the backend)."""
-        entry = self._static.get(key)
-        if entry is None or self._clock() - entry.fetched_at >= self.ttl:
+        now = self._clock()
+        entry = self._live(key, now)
+        if entry is None or now - entry.fetched_at >= self.ttl:
             return None
         return entry.value
 
     def __len__(self) -> int:
+        self._expire(self._clock())
         return len(self._static) + len(self._dynamic)
 
     # --- reads --------------------------------------------------------------------------------
 
     def peek(self, key: Hashable, *, dynamic: bool = False) -> Fetched | None:
         """The servable value, without waiting; starts a refresh when it is stale."""
-        entry = self._dynamic.get(key) if dynamic else self._static.get(key)
+        if dynamic:
+            entry = self._dynamic.get(key)
+            return None if entry is None else entry.value
+        now = self._clock()
+        entry = self._live(key, now)
         if entry is None:
             return None
-        if not dynamic and self._clock() - entry.fetched_at >= self.ttl:
+        if now - entry.fetched_at >= self.ttl:
             self._refresh_soon(key, None)
         return entry.value
 
     def get_nowait(self, key: Hashable, load: Loader, *, dynamic: bool = False) -> Fetched | None:
         """What ``get`` returns without waiting (a hit, fresh or stale), else None: the caller
         only needs a deadline when this is None."""
-        entry = self._dynamic.get(key) if dynamic else self._static.get(key)
+        if dynamic:
+            entry = self._dynamic.get(key)
+            if entry is None:
+                return None
+            self.stats.hits += 1
+            return entry.value
+        # The hit path of every open: one clock read, one dict lookup.
+        now = self._clock()
+        entry = self._live(key, now)
         if entry is None:
             return None
-        if dynamic or self._clock() - entry.fetched_at < self.ttl:
+        if now - entry.fetched_at < self.ttl:
             self.stats.hits += 1
         else:
             self.stats.stale_hits += 1
@@ -162,7 +175,7 @@ class SecretCache:
         self.stats.misses += 1
         for attempt in range(FOREGROUND_TRIES):
             await self._wait_flight(key, load, dynamic)
-            entry = self._dynamic.get(key) if dynamic else self._static.get(key)
+            entry = self._dynamic.get(key) if dynamic else self._live(key, self._clock())
             if entry is not None:
                 return entry.value
             err = self._errors.get(key)
@@ -173,10 +186,31 @@ class SecretCache:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _live(self, key: Hashable, now: float) -> _Entry | None:
+        """The static entry of ``key`` if it is younger than max_stale; drops it if not."""
+        entry = self._static.get(key)
+        if entry is None or now < entry.expires:
+            return entry
+        del self._static[key]
+        return None
+
+    def _expire(self, now: float) -> None:
+        """Drop every static value at max_stale (the oldest are first)."""
+        static = self._static
+        while static:
+            key = next(iter(static))
+            if now < static[key].expires:
+                break
+            del static[key]
+
     def _store(self, key: Hashable, value: Fetched, dynamic: bool) -> None:
-        table: cachetools.TTLCache[Hashable, _Entry] | dict[Hashable, _Entry]
-        table = self._dynamic if dynamic else self._static
-        table[key] = _Entry(value, self._clock())
+        now = self._clock()
+        if dynamic:
+            self._dynamic[key] = _Entry(value, now)
+        else:
+            self._expire(now)
+            self._static.pop(key, None)  # to the end: the order of expiry
+            self._static[key] = _Entry(value, now, now + self.max_stale)
         self._errors.pop(key, None)
         self._failures.pop(key, None)
         self._retry_at.pop(key, None)

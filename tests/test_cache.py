@@ -189,3 +189,21 @@ async def test_a_change_after_expiry_is_still_reported(autojump_clock: trio.abc.
     await trio.sleep(5)
     assert await cache.get("k", Loader(V2)) == V2  # the same value again is no change
     assert changed == ["k"]
+
+
+async def test_values_at_max_stale_leave_memory(mock_clock: trio.testing.MockClock) -> None:
+    cache = SecretCache(ttl=1, max_stale=10)
+    cache.put("a", V1)
+    cache.put("b", V1)
+    mock_clock.jump(5)
+    cache.put("a", V2)  # a refresh: a now expires 5 s after b
+    mock_clock.jump(5)  # b is exactly max_stale old: gone
+    assert cache.peek("b") is None and cache.peek("a") == V2
+    assert "b" not in cache._static
+    cache.put("c", V1)
+    mock_clock.jump(6)  # a is past max_stale too, and nobody looks it up ...
+    cache.put("d", V1)  # ... but the next store drops it, without the bytes lingering
+    assert set(cache._static) == {"c", "d"} and len(cache) == 2
+    assert cache.fresh("c") is None and cache.peek("c") == V1  # stale, still served
+    mock_clock.jump(10)
+    assert len(cache) == 0 and cache.peek("d") is None
