@@ -211,7 +211,9 @@ class SecretFS(pyfuse3.Operations):
             log.warning("open %s/%s: %s", node.volume, node.spec and node.spec.path, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         st = self._state(inode)
-        others = any(v != content.version for v in st.open_versions)
+        # Is a handle of another version open? (Counter keys are the versions with open handles.)
+        ov = st.open_versions
+        others = len(ov) > 1 or (len(ov) == 1 and content.version not in ov)
         fh = self._next_fh
         self._next_fh += 1
         if not others and st.reported == content.version:
@@ -250,9 +252,11 @@ class SecretFS(pyfuse3.Operations):
             return
         st = self._state(h.inode)
         v = h.content.version
-        st.open_versions[v] -= 1
-        if st.open_versions[v] <= 0:
-            del st.open_versions[v]
+        left = st.open_versions[v] - 1
+        if left > 0:
+            st.open_versions[v] = left
+        else:
+            st.open_versions.pop(v, None)
             st.open_sizes.pop(v, None)
             cur = self.volumes.current(h.inode) if self.tree.get(h.inode) else None
             if cur is not None and cur.version != v:
