@@ -172,8 +172,42 @@ def daemon_cpu_ns(pid: int) -> int:
     return total
 
 
-def measure(client: Path, path: Path, readers: int, iterations: int, warmup: int) -> Result:
-    """Run ``readers`` clients at once on ``path``; percentiles over all their rounds."""
+def compare(
+    client: Path,
+    targets: list[tuple[Path, int | None]],
+    readers: int,
+    iterations: int,
+    warmup: int,
+    batches: int,
+) -> list[tuple[Result, float]]:
+    """Measure each ``(path, daemon pid or None)`` in turn, in ``batches`` alternating batches,
+    so a burst of load on a shared machine hits every target alike. Per target: percentiles
+    over all its rounds, and its daemon's CPU time per round (warm-up rounds included; 0 with
+    no daemon). Only the first batch has the full warm-up."""
+    samples: list[list[int]] = [[] for _ in targets]
+    cpu = [0] * len(targets)
+    rounds = [0] * len(targets)
+    per_batch = max(readers, iterations // batches)
+    for i in range(batches):
+        w = warmup if i == 0 else min(warmup, 50)
+        order = list(enumerate(targets))
+        for j, (path, pid) in order if i % 2 == 0 else reversed(order):
+            cpu0 = daemon_cpu_ns(pid) if pid else 0
+            got = run_clients(client, path, readers, per_batch, w)
+            if pid:
+                cpu[j] += daemon_cpu_ns(pid) - cpu0
+            rounds[j] += len(got) + w * readers
+            samples[j].extend(got)
+    out = []
+    for j, got in enumerate(samples):
+        got.sort()
+        result = Result(_pct(got, 50), _pct(got, 99), len(got))
+        out.append((result, cpu[j] / rounds[j]))
+    return out
+
+
+def run_clients(client: Path, path: Path, readers: int, iterations: int, warmup: int) -> list[int]:
+    """Run ``readers`` clients at once on ``path``; the times of all their rounds (ns)."""
     per_reader = max(1, iterations // readers)
     procs = [
         subprocess.Popen(
@@ -208,8 +242,7 @@ def measure(client: Path, path: Path, readers: int, iterations: int, warmup: int
                 f"{path}: read {int(lines[1])} bytes, expected {path.stat().st_size}"
             )
         samples.extend(int(x) for x in lines[2:])
-    samples.sort()
-    return Result(_pct(samples, 50), _pct(samples, 99), len(samples))
+    return samples
 
 
 def _pct(sorted_samples: list[int], p: float) -> int:
@@ -245,6 +278,13 @@ def main() -> int:
         help="timed rounds per configuration, split between the readers (20000)",
     )
     ap.add_argument("--warmup", type=int, default=500, help="untimed rounds per reader (500)")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        default=5,
+        help="the rounds of each configuration are run in this many batches, alternating "
+        "between tmpfs, bare pyfuse3 and secretfs (5)",
+    )
     ap.add_argument("--ttl", type=float, default=3600.0, help="secretfs --ttl (3600)")
     ap.add_argument(
         "--daemon-arg",
@@ -284,18 +324,22 @@ def main() -> int:
                 if (bare / name).read_bytes() != files[name].encode():
                     raise RuntimeError(f"bare_fs serves other bytes than stored for {name}")
                 for readers in READERS:
-                    a = measure(client, t / name, readers, args.iterations, args.warmup)
-                    cpu0 = daemon_cpu_ns(bare_proc.pid)
-                    c = measure(client, bare / name, readers, args.iterations, args.warmup)
+                    targets = [
+                        (t / name, None),
+                        (bare / name, bare_proc.pid),
+                        (m.file(name), m.proc.pid),
+                    ]
+                    (a, _), (c, c_cpu), (b, b_cpu) = compare(
+                        client,
+                        targets,
+                        readers,
+                        args.iterations,
+                        args.warmup,
+                        args.batches,
+                    )
                     if readers == 1:
-                        cpu = (daemon_cpu_ns(bare_proc.pid) - cpu0) / (c.samples + args.warmup)
-                        bare_cpu.append(f"{label}: {us(round(cpu))}")
-                    cpu0 = daemon_cpu_ns(m.proc.pid)
-                    b = measure(client, m.file(name), readers, args.iterations, args.warmup)
-                    if readers == 1:
-                        rounds = b.samples + args.warmup
-                        cpu = (daemon_cpu_ns(m.proc.pid) - cpu0) / rounds
-                        cpu_notes.append(f"{label}: {us(round(cpu))}")
+                        bare_cpu.append(f"{label}: {us(round(c_cpu))}")
+                        cpu_notes.append(f"{label}: {us(round(b_cpu))}")
                     rows.append(
                         f"| {label} | {readers} | {us(a.p50_ns)} | {us(a.p99_ns)} | "
                         f"{us(b.p50_ns)} | {us(b.p99_ns)} | {b.p50_ns / a.p50_ns:.1f}x | "
@@ -319,8 +363,9 @@ def main() -> int:
     print(f"Machine: {machine()}")
     print(f"Command: {shlex.join([sys.executable, *sys.argv])}")
     print(
-        f"Rounds per configuration: {args.iterations} (split between readers), "
-        f"warm-up {args.warmup} per reader; total {elapsed:.1f} s"
+        f"Rounds per configuration: {args.iterations} (split between readers), in "
+        f"{args.batches} batches alternating between the filesystems; warm-up {args.warmup} per "
+        f"reader; total {elapsed:.1f} s"
     )
     print()
     print(
