@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from csi import metrics
+from secretfs.logs import log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             except CsiError as exc:
                 error = exc
             except Exception as exc:
-                log.exception("%s failed unexpectedly", method)
+                log_unexpected(log, "%s failed unexpectedly", method)
                 error = CsiError(
                     grpc.StatusCode.INTERNAL,
                     f"internal error ({type(exc).__name__})",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import trio
 
 from providers.base import Fetched, FetchError
+from secretfs.logs import log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class SecretCache:
         except FetchError as exc:
             self._record_failure(key, exc)
         except Exception as exc:  # a loader bug must not kill the daemon
-            log.exception("fetch failed unexpectedly")
+            log_unexpected(log, "fetch failed unexpectedly")
             self._record_failure(
                 key, FetchError("?", f"internal error ({type(exc).__name__})", transient=True)
             )

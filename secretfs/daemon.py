@@ -32,6 +32,7 @@ from secretfs import spc as spc_mod
 from secretfs.control import ControlError
 from secretfs.fs import ATTR_TIMEOUT, ROOT_INODE, SecretFS
 from secretfs.hardening import harden
+from secretfs.logs import log_unexpected
 from secretfs.standalone import fuse_options
 from secretfs.volumes import VolumeError, Volumes
 
@@ -121,7 +122,7 @@ class Daemon:
             except trio.TooSlowError:
                 return
             except Exception as exc:
-                log.exception("control request failed")
+                log_unexpected(log, "control request failed")
                 answer = {"ok": False, "code": control.INTERNAL, "message": type(exc).__name__}
             finally:
                 for fd in reader.fds:
@@ -191,7 +192,7 @@ class Daemon:
         try:
             await pyfuse3.main()
         except Exception:
-            log.exception("the FUSE session failed")
+            log_unexpected(log, "the FUSE session failed")
         finally:
             self.serving = False
             # With an fd-passed session there is nothing for us to unmount: the csi side does it.

@@ -20,7 +20,6 @@ import errno
 import functools
 import logging
 import os
-import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import pyfuse3
 import trio
 
 from providers.base import FetchError
+from secretfs.logs import log_unexpected
 from secretfs.tree import ROOT_INODE, Node
 from secretfs.volumes import Rendered, Volumes
 
@@ -54,11 +54,8 @@ def guarded(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except Exception as exc:
-            frames = "".join(traceback.format_tb(exc.__traceback__))
-            log.error(
-                "%s failed with %s; answering EIO\n%s", fn.__name__, type(exc).__name__, frames
-            )
+        except Exception:
+            log_unexpected(log, "%s failed; answering EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import traceback
 
 THIRD_PARTY = (
     "botocore",
@@ -51,3 +53,14 @@ def setup_logging(level: str = "INFO", fmt: str = "text", audit: bool = False) -
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("secretfs.audit").setLevel(logging.INFO if audit else logging.WARNING)
+
+
+def log_unexpected(logger: logging.Logger, message: str, *args: object) -> None:
+    """Log the exception being handled with its type and frames, never its message: an SDK's or a
+    parser's exception text can quote the data it choked on (a secret, a token)."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        logger.error(message, *args)
+        return
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    logger.error(message + ": %s\n%s", *args, type(exc).__name__, frames)

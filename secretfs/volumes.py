@@ -18,6 +18,7 @@ import trio
 from providers import get_provider
 from providers.base import Fetched, FetchError, FileSpec, Identity, Lease, Plan, Provider
 from secretfs.cache import SecretCache
+from secretfs.logs import log_unexpected
 from secretfs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class Volumes:
         except FetchError:
             raise
         except Exception as exc:
-            log.exception("provider %s failed", vol.provider.name)
+            log_unexpected(log, "provider %s failed", vol.provider.name)
             raise FetchError(
                 spec.object_name, f"provider error ({type(exc).__name__})", transient=True
             ) from None
@@ -256,7 +257,7 @@ class Volumes:
         except FetchError as exc:
             raise VolumeError(str(exc), [exc]) from None
         except Exception as exc:
-            log.exception("provider %s failed", vol.provider.name)
+            log_unexpected(log, "provider %s failed", vol.provider.name)
             raise VolumeError(
                 f"provider {vol.plan.provider} failed ({type(exc).__name__})"
             ) from None
