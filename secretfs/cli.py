@@ -27,8 +27,6 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         help="seconds a value may be served while its backend fails (86400); then EIO",
     )
     p.add_argument("--attr-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument(
         "--audit", action="store_true", help="log every open: path, uid, gid, pid and version"
     )
@@ -70,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="in the background, append the log here (default: discard it once mounted)",
     )
     _add_mount_options(m)
+    _add_log_options(m)
 
     c = sub.add_parser("check", help="validate a SecretProviderClass file offline")
     c.add_argument("spc")
@@ -88,17 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("node", help="run daemon and csi together (development and tests)")
     _add_daemon_options(n)
-    _add_csi_options(n)
+    _add_csi_options(n, with_daemon_socket=False)  # --socket/--daemon-socket come with the daemon
     _add_log_options(n)
     return parser
 
 
 def _add_log_options(p: argparse.ArgumentParser) -> None:
-    have = {opt for a in p._actions for opt in a.option_strings}
-    if "--log-level" not in have:
-        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    if "--log-format" not in have:
-        p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
@@ -112,17 +108,17 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     _add_mount_options(p)
 
 
-def _add_csi_options(p: argparse.ArgumentParser) -> None:
+def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True) -> None:
     p.add_argument("--endpoint", default="unix:///csi/csi.sock", help="CSI socket for the kubelet")
     p.add_argument("--nodeid", required=True, help="this node's name (NodeGetInfo)")
     p.add_argument("--drivername", default="secrets-store.csi.k8s.io")
-    if not any("--socket" in a.option_strings for a in p._actions):
+    if with_daemon_socket:
         p.add_argument(
             "--daemon-socket", default="/run/secretfs/daemon.sock", help="the daemon's socket"
         )
     p.add_argument(
         "--mount-root",
-        default="/var/run/secrets-store-csi/secretfs",
+        default="/run/secretfs/mnt",
         help="where the node's secretfs root is mounted (volumes are bind-mounted from it)",
     )
     p.add_argument("--metrics-addr", default=":8095", help="Prometheus /metrics; empty: off")

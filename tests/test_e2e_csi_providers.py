@@ -42,6 +42,7 @@ from tests.csi_node import CsiNode, Pod
 from tests.gcp_server import STS_AUDIENCE, GcpServers, pod_principal
 from tests.kube_server import KubeServer, kube_api  # noqa: F401
 from tests.mounting import ROOT, is_mounted, needs_fuse
+from tests.test_e2e_vault import TUTORIAL_ADDRESS, TUTORIAL_SPC
 from tests.vault_server import VaultTestServer, run_vault_server
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
@@ -155,23 +156,8 @@ def unpublish_all(node: ProviderNode, *pods: Pod) -> None:
 
 # --- Vault: Kubernetes auth --------------------------------------------------------------------
 
-VAULT_EXAMPLE_ADDRESS = "http://vault.default:8200"
-# HashiCorp's tutorial class (KV v2), as in tests/test_e2e_vault.py.
-TUTORIAL_SPC = """\
-apiVersion: secrets-store.csi.x-k8s.io/v1
-kind: SecretProviderClass
-metadata:
-  name: vault-database
-spec:
-  provider: vault
-  parameters:
-    vaultAddress: "http://vault.default:8200"
-    roleName: "database"
-    objects: |
-      - objectName: "db-password"
-        secretPath: "secret/data/db-pass"
-        secretKey: "password"
-"""
+# HashiCorp's tutorial class (KV v2), the same one tests/test_e2e_vault.py mounts standalone.
+VAULT_EXAMPLE_ADDRESS = TUTORIAL_ADDRESS
 
 
 @pytest.fixture
