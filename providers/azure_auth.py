@@ -18,6 +18,8 @@ Operator settings (environment of the daemon):
 * ``SECRETFS_AZURE_CLOUD_NAME``: default ``cloudName`` (upstream's ``--cloud-name`` flag).
 * ``AZURE_ENVIRONMENT_FILEPATH``: go-autorest environment file for ``AzureStackCloud`` when the
   SPC has no ``cloudEnvFileName``; ``SECRETFS_AZURE_ENVIRONMENT_JSON``: the same JSON inline.
+* ``SECRETFS_AZURE_CLOUD_ENV_DIRS``: ``:``-separated directories an SPC's ``cloudEnvFileName``
+  may name a file in (default ``/etc/kubernetes``, where upstream's docs mount it).
   For custom and air-gapped clouds and private endpoints with their own DNS suffix.
 * ``SECRETFS_AZURE_CA_BUNDLE``: CA bundle (PEM file) trusted for Key Vault and Entra ID, for
   clouds with a private CA (``REQUESTS_CA_BUNDLE`` works too, as for any requests user).
@@ -53,6 +55,9 @@ class Settings:
     default_cloud: str = ""
     env_file: str = ""
     env_json: str = ""
+    # Directories a SecretProviderClass's cloudEnvFileName may point into (operator's choice):
+    # without this, whoever writes a class could make the daemon open any path it can see.
+    cloud_env_dirs: tuple[str, ...] = ("/etc/kubernetes",)
     ca_bundle: str = ""
     # Standalone mode only.
     client_id: str = ""
@@ -69,6 +74,11 @@ class Settings:
             default_cloud=env.get("SECRETFS_AZURE_CLOUD_NAME", ""),
             env_file=env.get("AZURE_ENVIRONMENT_FILEPATH", ""),
             env_json=env.get("SECRETFS_AZURE_ENVIRONMENT_JSON", ""),
+            cloud_env_dirs=tuple(
+                d
+                for d in env.get("SECRETFS_AZURE_CLOUD_ENV_DIRS", "/etc/kubernetes").split(":")
+                if d
+            ),
             ca_bundle=env.get("SECRETFS_AZURE_CA_BUNDLE", ""),
             client_id=env.get("AZURE_CLIENT_ID", ""),
             client_secret=env.get("AZURE_CLIENT_SECRET", ""),
@@ -80,6 +90,7 @@ class Settings:
             "default_cloud": self.default_cloud,
             "env_file": self.env_file,
             "env_json": self.env_json,
+            "env_dirs": ":".join(self.cloud_env_dirs),
         }
 
 

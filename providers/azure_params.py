@@ -11,6 +11,7 @@ mapping is accepted as well (upstream would refuse it; nothing is lost by being 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -133,8 +134,15 @@ def parse_cloud(
         return None
     # Custom cloud: upstream reads go-autorest's environment file (cloudEnvFileName, or the
     # AZURE_ENVIRONMENT_FILEPATH variable); the operator may instead give the JSON inline.
-    path = parameters.get("cloudEnvFileName", "").strip() or settings.get("env_file", "")
+    spc_path = parameters.get("cloudEnvFileName", "").strip()
+    path = spc_path or settings.get("env_file", "")
     try:
+        if spc_path and not _inside(spc_path, settings.get("env_dirs", "")):
+            allowed = settings.get("env_dirs", "") or "none"
+            raise ValueError(
+                f"{spc_path!r} is outside the directories the operator allows for cloud "
+                f"environment files ({allowed}; daemon setting SECRETFS_AZURE_CLOUD_ENV_DIRS)"
+            )
         if path:
             try:
                 with open(path, encoding="utf-8") as f:
@@ -158,6 +166,18 @@ def parse_cloud(
         )
     )
     return None
+
+
+def _inside(path: str, dirs: str) -> bool:
+    """``path`` (absolute, no '..' games) lies in one of the ``:``-separated ``dirs``."""
+    if not os.path.isabs(path):
+        return False
+    norm = os.path.normpath(path)
+    return any(
+        os.path.commonpath([norm, os.path.normpath(d)]) == os.path.normpath(d)
+        for d in dirs.split(":")
+        if d
+    )
 
 
 def _go_bool(parameters: Mapping[str, str], key: str, problems: list[Problem]) -> bool:

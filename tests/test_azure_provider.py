@@ -281,9 +281,22 @@ def test_stack_cloud_from_cloud_env_file() -> None:
     }
     path, fd = _pipe_path(json.dumps(env))  # a pipe: the file is read, nothing is written
     try:
-        plan = AzureProvider(environ={}).parse(
+        allowed = {"SECRETFS_AZURE_CLOUD_ENV_DIRS": "/etc/kubernetes:/dev/fd"}
+        plan = AzureProvider(environ=allowed).parse(
             params({"objectName": "a", "objectType": "secret"}, cloudEnvFileName=path)
         )
+        # By default only /etc/kubernetes is allowed: a class cannot make the daemon open
+        # arbitrary paths.
+        with pytest.raises(ParameterError, match="outside the directories") as exc:
+            AzureProvider(environ={}).parse(
+                params({"objectName": "a", "objectType": "secret"}, cloudEnvFileName=path)
+            )
+        assert problems_of(exc) == {(None, "cloudEnvFileName")}
+        for sneaky in ("/etc/kubernetes/../shadow", "etc/kubernetes/env.json"):
+            with pytest.raises(ParameterError, match="outside the directories"):
+                AzureProvider(environ={}).parse(
+                    params({"objectName": "a", "objectType": "secret"}, cloudEnvFileName=sneaky)
+                )
     finally:
         os.close(fd)
     assert plan.auth.vault_url == "https://kv-test.vault.local.azurestack.external/"  # type: ignore[attr-defined]
@@ -310,7 +323,10 @@ def test_stack_cloud_from_operator_env_filepath_and_errors() -> None:
         AzureProvider(environ={}).parse(params({"objectName": "a", "objectType": "secret"}))
     with pytest.raises(ParameterError, match="cannot read cloud environment file"):
         AzureProvider(environ={}).parse(
-            params({"objectName": "a", "objectType": "secret"}, cloudEnvFileName="/nonexistent/x")
+            params(
+                {"objectName": "a", "objectType": "secret"},
+                cloudEnvFileName="/etc/kubernetes/nonexistent.json",
+            )
         )
     garbled = AzureProvider(environ={"SECRETFS_AZURE_ENVIRONMENT_JSON": "{nope"})
     with pytest.raises(ParameterError, match="not valid JSON"):
