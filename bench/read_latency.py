@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.moto_server import FAKE_KEYS, REGION, start_moto  # noqa: E402
-from tests.mounting import Mount, is_mounted, mounted  # noqa: E402
+from tests.mounting import Mount, is_mounted, mounted, unmount_and_stop  # noqa: E402
 
 BUILD = ROOT / "bench" / ".build"
 CLIENT_SRC = ROOT / "bench" / "readclient.c"
@@ -152,15 +152,7 @@ def bare_mount(where: Path, files: dict[str, str]) -> Iterator[subprocess.Popen[
             raise RuntimeError("bench/bare_fs.py did not mount")
         yield proc
     finally:
-        if is_mounted(where):
-            subprocess.run(["fusermount3", "-u", "-z", str(where)], check=False)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        unmount_and_stop(where, proc)
 
 
 def daemon_cpu_ns(pid: int) -> int:

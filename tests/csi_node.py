@@ -25,7 +25,7 @@ import grpc
 
 from csi import mounts
 from csi.pb import csi_pb2, csi_pb2_grpc
-from tests.mounting import ROOT
+from tests.mounting import ROOT, stop
 
 TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
 ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
@@ -263,13 +263,8 @@ class CsiNode:
         self.close_channel()
         for name in ("node", "csi", "daemon"):
             proc = self.procs.pop(name, None)
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            if proc is not None:
+                stop(proc)
         for _ in range(3):
             for path in reversed(self.our_mounts()):
                 with contextlib.suppress(OSError):

@@ -120,15 +120,25 @@ def mounted(
         assert is_mounted(mnt), "daemon said ok but nothing is mounted"
         yield m
     finally:
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        unmount_and_stop(mnt, proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it does not go within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def unmount_and_stop(path: str | Path, proc: subprocess.Popen[bytes]) -> None:
+    """Always-safe cleanup of a FUSE test mount: lazy unmount, then stop its server."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+    stop(proc)
 
 
 class MountFailed(AssertionError):
