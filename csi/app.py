@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from csi import metrics
+from csi.keeper import Keeper
 from csi.kube import Kube
 from csi.node import DRIVER_NAME, IdentityServicer, NodeServicer
 from csi.pb import csi_pb2_grpc
@@ -32,12 +33,15 @@ class CsiOptions:
     driver_name: str = DRIVER_NAME
     metrics_addr: str = ""
     kubeconfig: str | None = None
+    takeover_timeout: float = 0.0
 
 
 def run(opts: CsiOptions) -> int:
     kube_api = Kube(opts.kubeconfig)
     threading.Thread(target=kube_api.warm, name="warm", daemon=True).start()
-    node = Node(control.Client(opts.daemon_socket), kube_api, opts.mount_root)
+    client = control.Client(opts.daemon_socket)
+    keeper = Keeper(client, opts.takeover_timeout)
+    node = Node(client, kube_api, opts.mount_root, keeper)
 
     def register(server: object) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(
@@ -58,6 +62,10 @@ def run(opts: CsiOptions) -> int:
     # Mount the node root now if the daemon is up (else on the first Probe or publish).
     node.ready()
     stop = threading.Event()
+    # Hands the FUSE connection to the next daemon generation as soon as one answers.
+    threading.Thread(
+        target=keeper.watch, args=(node.ensure_root, stop), name="keeper", daemon=True
+    ).start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -65,6 +73,6 @@ def run(opts: CsiOptions) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
-    log.info("stopping; mounts stay in place")
+    log.info("stopping; mounts stay in place, the daemon keeps the FUSE connection")
     server.stop(grace=5).wait()
     return 0

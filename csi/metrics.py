@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,29 @@ rpc_duration = Histogram(
     "CSI RPC latency",
     ["method", "code"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+# The FUSE connection's takeovers (keeper.py).
+takeovers = Counter("secretfs_takeovers", "FUSE connection hand-overs to a new daemon generation")
+takeover_stall = Gauge(
+    "secretfs_takeover_last_stall_seconds",
+    "From the loss of the last daemon generation to the next one serving the connection",
+)
+takeover_waiting = Gauge(
+    "secretfs_takeover_last_waiting_requests",
+    "Requests the kernel held for the connection when the last takeover began: those the dead "
+    "daemon had read (resent on Linux 6.9+) and those not read yet (needs fusectl)",
+)
+takeover_resends = Counter(
+    "secretfs_takeover_resends",
+    "Takeovers after which the kernel was asked to resend what the dead daemon had read",
+)
+takeover_volume_errors = Counter(
+    "secretfs_takeover_volume_errors", "Volumes a new daemon generation could not restore"
+)
+connection_aborts = Counter(
+    "secretfs_connection_aborts",
+    "FUSE connections given up because no daemon took them over within --takeover-timeout",
 )
 
 

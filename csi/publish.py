@@ -1,8 +1,9 @@
 """Publish and unpublish: the node root mount, the daemon's volumes, and the bind mounts.
 
-State lives in the kernel's mount table and in the daemon, never only in this process, so a
-restarted csi process carries on where the last one stopped: the node root is the
-``fuse.secretfs`` mount at the mount root, a published volume is a bind of ``/<volume_id>`` of it.
+State lives in the kernel's mount table and in the daemon as well as here, so a restarted csi
+process carries on where the last one stopped: the node root is the ``fuse.secretfs`` mount at the
+mount root, a published volume is a bind of ``/<volume_id>`` of it, and the FUSE connection with
+the volume records comes back from the daemon (keeper.py). A restarted daemon gets them from here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 import grpc
 
 from csi import kube, metrics, mounts
+from csi.keeper import Keeper
 from csi.server import CsiError, annotate
-from secretfs import control
+from secretfs import control, fusewire
 from secretfs import spc as spc_mod
 from secretfs.control import ControlError
 
@@ -63,10 +65,17 @@ class Publish:
 
 
 class Node:
-    def __init__(self, client: control.Client, kube_api: kube.Kube, mount_root: str) -> None:
+    def __init__(
+        self,
+        client: control.Client,
+        kube_api: kube.Kube,
+        mount_root: str,
+        keeper: Keeper | None = None,
+    ) -> None:
         self.client = client
         self.kube = kube_api
         self.mount_root = os.path.abspath(mount_root)
+        self.keeper = keeper or Keeper(client)
         self._root_lock = threading.Lock()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
@@ -97,7 +106,9 @@ class Node:
             raise daemon_error(exc, unreachable=True) from None
 
     def ensure_root(self) -> tuple[mounts.MountInfo, dict[str, Any]]:
-        """The node root mount, served by the daemon (mounting and attaching it if needed)."""
+        """The node root mount, served by the daemon: mounted and attached if there is none,
+        handed to a new daemon generation if ours is gone, taken back from the daemon if this
+        process restarted."""
         with self._root_lock:
             status = self.status()
             root = mounts.node_root(mounts.read_mountinfo(), self.mount_root)
@@ -118,16 +129,32 @@ class Node:
                         "propagation); restart the daemon to recover",
                         metrics.DAEMON_UNAVAILABLE,
                     )
+                if self.keeper.conn is None:
+                    self._call(lambda: self.keeper.reclaim(root), "take the connection back")
                 return root, status
+            if self.keeper.conn is not None:
+                if root is not None and root.device == self.keeper.conn.device:
+                    self._call(self.keeper.take_over, "hand the connection to the new daemon")
+                    return root, self.status()
+                self.keeper.drop(f"the node root at {self.mount_root} is gone")
             if root is not None:
-                log.warning("detaching the node mount %s of a previous daemon", self.mount_root)
+                log.warning(
+                    "detaching the node mount %s: its FUSE connection died with both the daemon "
+                    "and this process; pods that mounted it before must be recreated",
+                    self.mount_root,
+                )
                 mounts.unmount_all(self.mount_root)
             try:
-                self._attach(int(status.get("uid", 0)), int(status.get("gid", 0)))
-            except OSError as exc:
+                self.keeper.mount_fresh(
+                    self.mount_root, int(status.get("uid", 0)), int(status.get("gid", 0))
+                )
+            except ControlError as exc:
+                raise daemon_error(exc) from None
+            except (OSError, fusewire.WireError) as exc:
                 raise CsiError(
                     S.INTERNAL,
-                    f"cannot mount the node root {self.mount_root}: {exc.strerror}",
+                    f"cannot mount the node root {self.mount_root}: "
+                    f"{getattr(exc, 'strerror', None) or exc}",
                     metrics.FAILED_TO_MOUNT,
                 ) from None
             root = mounts.node_root(mounts.read_mountinfo(), self.mount_root)
@@ -135,19 +162,13 @@ class Node:
                 raise CsiError(S.INTERNAL, "the node root vanished", metrics.FAILED_TO_MOUNT)
             return root, {**status, "attached": True, "serving": True}
 
-    def _attach(self, uid: int, gid: int) -> None:
-        os.makedirs(self.mount_root, mode=0o755, exist_ok=True)
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    @staticmethod
+    def _call(fn: Any, what: str) -> Any:
         try:
-            mounts.mount_fuse_root(self.mount_root, fd, uid, gid)
-            try:
-                self.client.attach(fd)
-            except ControlError as exc:
-                mounts.unmount_all(self.mount_root)
-                raise daemon_error(exc) from None
-        finally:
-            os.close(fd)  # the daemon holds the session now
-        log.info("node root %s mounted and handed to the daemon", self.mount_root)
+            return fn()
+        except ControlError as exc:
+            err = daemon_error(exc)
+            raise CsiError(err.code, f"cannot {what}: {exc.message}", err.error_type) from None
 
     def ready(self) -> bool:
         try:
@@ -171,6 +192,7 @@ class Node:
                     answer = self.client.refresh(req.volume_id, req.tokens)
                 except ControlError as exc:
                     raise daemon_error(exc) from None
+                self.keeper.update_tokens(req.volume_id, req.tokens)
                 annotate(provider=str(answer.get("provider", "")))
                 return "republished"
             if (shown is None and current.fstype == mounts.FSTYPE) or shown == req.volume_id:
@@ -203,17 +225,23 @@ class Node:
             "secrets": req.secrets,
             "sa_annotations": annotations,
         }
-        try:
-            added = self.client.add(
-                req.volume_id,
-                {"name": spc.name, "provider": spc.provider, "parameters": dict(spc.parameters)},
-                req.attributes,
-                identity,
-                req.gid,
-                timeout=max(5.0, time_left - 5.0),
-            )
-        except ControlError as exc:
-            raise daemon_error(exc) from None
+        record: dict[str, Any] = {
+            "spc": {"name": spc.name, "provider": spc.provider, "parameters": dict(spc.parameters)},
+            "attributes": req.attributes,
+            "identity": identity,
+            "gid": req.gid,
+        }
+        for _ in range(2):
+            generation = self.keeper.generation
+            try:
+                added = self.client.add(req.volume_id, **record, timeout=max(5.0, time_left - 5.0))
+            except ControlError as exc:
+                raise daemon_error(exc) from None
+            self.keeper.record(req.volume_id, record, added)
+            if self.keeper.generation == generation:
+                break
+            # A takeover ran while the daemon added it: the new generation may not have it, so
+            # add it again (an answer of "existing" if it does).
         try:
             if not os.path.isdir(req.target):
                 os.mkdir(req.target, 0o750)
@@ -266,6 +294,7 @@ class Node:
             with contextlib.suppress(OSError):
                 os.rmdir(req.target)
         if remove:
+            self.keeper.forget(req.volume_id)
             try:
                 self.client.remove(req.volume_id)
             except ControlError as exc:
@@ -291,8 +320,10 @@ class Node:
                     f"cannot remove {target}: {exc.strerror}",
                     metrics.FAILED_TO_UNMOUNT,
                 ) from None
+        self.keeper.forget(volume_id)
         try:
             self.client.remove(volume_id)
         except ControlError as exc:
-            # A daemon that is gone holds no volumes (and no values) any more.
+            # A daemon that is gone holds no volumes (and no values) any more; the next
+            # generation will not be given this one.
             log.warning("volume %s: not removed from the daemon: %s", volume_id, exc.message)

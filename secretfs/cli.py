@@ -123,6 +123,13 @@ def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True
     )
     p.add_argument("--metrics-addr", default=":8095", help="Prometheus /metrics; empty: off")
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster configuration")
+    p.add_argument(
+        "--takeover-timeout",
+        type=float,
+        default=0.0,
+        help="seconds readers may wait for a new daemon after one died; then the FUSE "
+        "connection is aborted and they get ENOTCONN (0: wait for it, the default)",
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -228,7 +235,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         lock_memory=not args.no_mlock,
         attr_timeout=args.attr_timeout,
     )
-    return trio.run(daemon.serve, args.daemon_socket, opts, lambda: None)
+    return trio.run(daemon.serve, args.daemon_socket, opts, lambda _: None)
 
 
 def cmd_csi(args: argparse.Namespace) -> int:
@@ -243,6 +250,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
             driver_name=args.drivername,
             metrics_addr=args.metrics_addr,
             kubeconfig=args.kubeconfig,
+            takeover_timeout=args.takeover_timeout,
         )
     )
 
@@ -264,6 +272,7 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     csi = [*base, "csi", "--endpoint", args.endpoint, "--nodeid", args.nodeid, *logs]
     csi += ["--drivername", args.drivername, "--daemon-socket", args.daemon_socket]
     csi += ["--mount-root", args.mount_root, "--metrics-addr", args.metrics_addr]
+    csi += ["--takeover-timeout", str(args.takeover_timeout)]
     if args.kubeconfig:
         csi += ["--kubeconfig", args.kubeconfig]
     return daemon, csi

@@ -3,8 +3,12 @@
 One request per connection over a unix SOCK_STREAM socket: a frame is a 4-byte big-endian length
 and a JSON object. A request is ``{"op": ..., ...}``; the answer is ``{"ok": true, ...}`` or
 ``{"ok": false, "code": CODE, "message": ...}`` with CODE from :data:`CODES` (named after gRPC
-status codes, so the csi side maps them one to one). The ``attach`` request carries the /dev/fuse
-file descriptor as SCM_RIGHTS ancillary data of its first bytes.
+status codes, so the csi side maps them one to one). The ``attach`` request and the ``handback``
+answer carry the /dev/fuse file descriptor as SCM_RIGHTS ancillary data of their first bytes.
+
+The hand-over operations (``restore``, ``attach``, ``handback``, ``export``, ``watch``) are
+versioned by :data:`PROTOCOL`: a daemon refuses an ``attach`` of another version and leaves the
+keeper's state as it was.
 
 Requests may carry service-account tokens and nodePublishSecretRef data, so neither side ever
 logs a frame, and the socket is owner-only (the daemon also checks the peer's uid).
@@ -15,7 +19,9 @@ This module is shared by both processes: only the standard library here (no trio
 from __future__ import annotations
 
 import array
+import base64
 import json
+import os
 import re
 import socket
 import struct
@@ -23,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 MAX_FRAME = 1 << 20
+# The version of the hand-over messages (attach, restore, handback, export).
+PROTOCOL = 1
 _HEADER = struct.Struct(">I")
 
 # Error codes of daemon answers.
@@ -77,6 +85,11 @@ class Unreachable(ControlError):
         super().__init__(UNAVAILABLE, message)
 
 
+def b64(text: Any) -> bytes | None:
+    """Bytes sent as base64 text (None stays None)."""
+    return None if text is None else base64.b64decode(str(text), validate=True)
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     body = json.dumps(msg, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
@@ -121,6 +134,10 @@ class FrameReader:
 ANC_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
+def fd_ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
 class Client:
     """Synchronous client used by the csi process (one connection per call)."""
 
@@ -131,6 +148,15 @@ class Client:
     def call(
         self, op: str, *, fds: Sequence[int] = (), timeout: float | None = None, **args: Any
     ) -> dict[str, Any]:
+        msg, received = self.call_fds(op, fds=fds, timeout=timeout, **args)
+        for fd in received:
+            os.close(fd)
+        return msg
+
+    def call_fds(
+        self, op: str, *, fds: Sequence[int] = (), timeout: float | None = None, **args: Any
+    ) -> tuple[dict[str, Any], list[int]]:
+        """``call``, also returning the fds that came with the answer (the caller owns them)."""
         frame = encode({"op": op, **args})
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -144,18 +170,22 @@ class Client:
                 ) from None
             try:
                 if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = sock.sendmsg([frame], anc)
+                    sent = sock.sendmsg([frame], fd_ancillary(fds))
                     if sent < len(frame):
                         sock.sendall(frame[sent:])
                 else:
                     sock.sendall(frame)
                 reader = FrameReader()
-                while (msg := reader.frame()) is None:
-                    data = sock.recv(65536)
-                    if not data:
-                        raise Unreachable(f"the secretfs daemon closed the connection ({op})")
-                    reader.feed(data)
+                try:
+                    while (msg := reader.frame()) is None:
+                        data, anc, _, _ = sock.recvmsg(65536, ANC_SPACE)
+                        reader.feed(data, anc)
+                        if not data:
+                            raise Unreachable(f"the secretfs daemon closed the connection ({op})")
+                except BaseException:
+                    for fd in reader.fds:
+                        os.close(fd)
+                    raise
             except TimeoutError:
                 raise Unreachable(f"the secretfs daemon did not answer {op!r} in time") from None
             except OSError as exc:
@@ -163,8 +193,10 @@ class Client:
         finally:
             sock.close()
         if not msg.get("ok"):
+            for fd in reader.fds:
+                os.close(fd)
             raise ControlError(str(msg.get("code")), str(msg.get("message", "daemon error")))
-        return msg
+        return msg, reader.fds
 
     # --- operations ---
 
@@ -172,8 +204,68 @@ class Client:
         """``attached``, ``serving``, ``volumes`` (ids), ``uid``, ``gid``, ``pid``."""
         return self.call("status", timeout=timeout)
 
-    def attach(self, fuse_fd: int) -> dict[str, Any]:
-        return self.call("attach", fds=[fuse_fd], timeout=30.0)
+    def attach(
+        self,
+        fuse_fd: int,
+        init: bytes,
+        init_reply: bytes | None,
+        generation: int,
+        volumes: Sequence[str],
+    ) -> dict[str, Any]:
+        """Hand the connection to the daemon; ``init_reply`` None: its first generation."""
+        return self.call(
+            "attach",
+            fds=[fuse_fd],
+            timeout=30.0,
+            proto=PROTOCOL,
+            init=base64.b64encode(init).decode(),
+            init_reply=None if init_reply is None else base64.b64encode(init_reply).decode(),
+            generation=generation,
+            volumes=list(volumes),
+        )
+
+    def restore(
+        self, volume_id: str, record: dict[str, Any], inodes: dict[str, int], next_inode: int
+    ) -> dict[str, Any]:
+        return self.call(
+            "restore",
+            volume_id=volume_id,
+            record=record,
+            inodes=inodes,
+            next_inode=next_inode,
+            timeout=30.0,
+        )
+
+    def handback(self) -> tuple[dict[str, Any], int]:
+        """The connection back from the daemon (for a restarted keeper): answer and fd."""
+        msg, fds = self.call_fds("handback")
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ControlError(INTERNAL, "the daemon's handback carried no /dev/fuse fd")
+        return msg, fds[0]
+
+    def export(self, volume_id: str) -> dict[str, Any]:
+        return self.call("export", volume_id=volume_id)
+
+    def watch(self) -> None:
+        """Block until the daemon's process is gone (it never answers a watch)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                sock.sendall(encode({"op": "watch"}))
+                sock.settimeout(None)
+                while sock.recv(4096):
+                    pass
+            except OSError as exc:
+                raise Unreachable(
+                    f"the secretfs daemon is not reachable at {self.path}: "
+                    f"{exc.strerror or type(exc).__name__}"
+                ) from None
+        finally:
+            sock.close()
 
     def add(
         self,

@@ -6,13 +6,24 @@ Needs no mount privilege: the csi process opens /dev/fuse, mounts the node root 
 volume (``/<volume_id>/``) that the csi process bind-mounts onto each pod's target path.
 
 Everything runs on the trio thread except provider calls and kernel invalidations (worker threads,
-see fs.py). When the session ends (the node mount was unmounted or aborted) the daemon exits so
-its supervisor restarts it; the csi side then mounts a fresh root and attaches again.
+see fs.py).
+
+**The connection outlives the daemon.** The csi process (the keeper) holds the /dev/fuse fd, the
+kernel's recorded FUSE_INIT and every volume's record (in memory). A new daemon generation is
+given them: first each volume (``restore``: rebuilt with the inode numbers it had, values fetched
+again on first use), then the connection (``attach``: takeover.py). Only one generation runs at a
+time: a daemon takes the node lock (``<socket>.lock``, flock) before it listens and holds it until
+it dies, so a generation that holds it knows every earlier one is dead and may ask the kernel to
+resend what its predecessor had read (``FUSE_NOTIFY_RESEND``). If the csi process restarts, it
+takes the same things back (``handback``, ``export``). SIGTERM (an upgrade) stops serving without
+touching the connection or revoking anything: the next generation carries on.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -26,15 +37,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-from providers.base import FetchError, Identity, ParameterError, Token
-from secretfs import control
+from providers.base import FetchError, Identity, ParameterError, Plan, Token
+from secretfs import control, fusewire, takeover
 from secretfs import spc as spc_mod
 from secretfs.control import ControlError
 from secretfs.fs import ATTR_TIMEOUT, ROOT_INODE, SecretFS
 from secretfs.hardening import harden
 from secretfs.logs import log_unexpected
 from secretfs.standalone import fuse_options
-from secretfs.volumes import VolumeError, Volumes
+from secretfs.volumes import Volume, VolumeError, Volumes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,9 @@ log = logging.getLogger(__name__)
 REQUEST_DEADLINE = 10.0
 # FetchError codes that mean "the backend refused this identity" (PERMISSION_DENIED).
 DENIED_CODES = frozenset({"AccessDenied", "PermissionDenied", "AuthFailed", "Forbidden"})
+# After SIGTERM, requests already being served get this long; what is left unanswered is resent
+# to the next generation by the kernel (Linux 6.9+).
+TERM_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,11 @@ def classify(exc: VolumeError) -> str:
     return control.FAILED_PRECONDITION
 
 
+def record_of(vol: Volume) -> dict[str, Any]:
+    """What the keeper needs to add ``vol`` to the next generation (it holds tokens: never log)."""
+    return {"record": vol.record, "inodes": vol.inodes}
+
+
 class Daemon:
     def __init__(self, volumes: Volumes, fs: SecretFS, nursery: trio.Nursery) -> None:
         self.volumes = volumes
@@ -95,13 +114,19 @@ class Daemon:
         self.attached = False
         self.serving = False
         self.terminating = False
+        self.refused = False
         self.exit_code = 0
+        self.generation = 0
+        self.fuse_fd = -1
+        self.init = b""
+        self.init_reply = b""
         self._pending: set[str] = set()
 
     # --- connections ---
 
     async def handle(self, conn: trio.socket.SocketType) -> None:
         reader = control.FrameReader()
+        send_fds: list[int] = []
         with conn:
             try:
                 pid, uid, _ = struct.unpack(
@@ -116,7 +141,11 @@ class Daemon:
                         if not data:
                             return
                         reader.feed(data, anc)
-                answer = {"ok": True, **await self.dispatch(msg, reader.fds)}
+                if msg.get("op") == "handback":
+                    answer = {"ok": True, **self.handback()}
+                    send_fds = [self.fuse_fd]
+                else:
+                    answer = {"ok": True, **await self.dispatch(msg, reader.fds)}
             except ControlError as exc:
                 answer = {"ok": False, "code": exc.code, "message": exc.message}
             except trio.TooSlowError:
@@ -129,10 +158,16 @@ class Daemon:
                     os.close(fd)
             try:
                 data = control.encode(answer)
+                if send_fds:
+                    data = data[await conn.sendmsg([data], control.fd_ancillary(send_fds)) :]
                 while data:
                     data = data[await conn.send(data) :]
-            except OSError:
+            except (OSError, ControlError):
                 pass
+        if self.refused:
+            # The keeper has our answer; a daemon that refused a hand-over serves nothing.
+            self.exit_code = 3
+            self.nursery.cancel_scope.cancel()
 
     async def dispatch(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = msg.get("op")
@@ -140,19 +175,36 @@ class Daemon:
             return {
                 "attached": self.attached,
                 "serving": self.serving,
+                "generation": self.generation,
+                "proto": control.PROTOCOL,
                 "volumes": sorted(self.volumes.volumes),
                 "uid": os.getuid(),
                 "gid": os.getgid(),
                 "pid": os.getpid(),
             }
         if op == "attach":
-            return self.attach(fds)
+            return await self.attach(msg, fds)
+        if op == "watch":
+            # Never answered: the keeper learns that this generation is gone when it sees EOF.
+            await trio.sleep_forever()
         volume_id = str(msg.get("volume_id") or "")
         problem = control.check_volume_id(volume_id)
         if problem:
             raise ControlError(control.INVALID_ARGUMENT, problem)
         if op == "add":
+            if not self.attached:
+                # Before attach, inode numbers are not known yet (the keeper restores first).
+                raise ControlError(
+                    control.UNAVAILABLE, "the secretfs daemon is starting; not serving yet"
+                )
             return await self.add(volume_id, msg)
+        if op == "restore":
+            return await self.restore(volume_id, msg)
+        if op == "export":
+            vol = self.volumes.volumes.get(volume_id)
+            if vol is None:
+                raise ControlError(control.NOT_FOUND, f"volume {volume_id} is not published")
+            return record_of(vol)
         if op == "refresh":
             return self.refresh(volume_id, msg.get("tokens"))
         if op == "remove":
@@ -161,32 +213,91 @@ class Daemon:
                 log.info("volume %s removed", volume_id)
                 if self.serving:
                     self.fs.forget_entry(ROOT_INODE, volume_id.encode())
-            return {"removed": removed}
+            return {"removed": removed, "next_inode": self.volumes.tree.next_inode}
         raise ControlError(control.INVALID_ARGUMENT, f"unknown operation {op!r}")
 
-    # --- operations ---
+    # --- the connection ---
 
-    def attach(self, fds: list[int]) -> dict[str, Any]:
+    async def attach(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Serve the keeper's connection: its first generation, or the next one."""
         if len(fds) != 1:
             raise ControlError(control.INVALID_ARGUMENT, "attach needs exactly one /dev/fuse fd")
-        if self.attached:
+        if msg.get("proto") != control.PROTOCOL:
+            raise ControlError(
+                control.FAILED_PRECONDITION,
+                f"hand-over protocol {msg.get('proto')!r} is not spoken here "
+                f"(this daemon speaks {control.PROTOCOL})",
+            )
+        if self.attached or self.refused:
             raise ControlError(control.ALREADY_EXISTS, "already serving a FUSE session")
-        fd = os.dup(fds[0])  # the received copy is closed by handle(); libfuse keeps this one
+        if not stat.S_ISCHR(os.fstat(fds[0]).st_mode):
+            raise ControlError(control.INVALID_ARGUMENT, "attach: not a character device")
         try:
-            if not stat.S_ISCHR(os.fstat(fd).st_mode):
-                raise ControlError(control.INVALID_ARGUMENT, "attach: not a character device")
-            pyfuse3.init(self.fs, f"/dev/fd/{fd}", fuse_options(True))
-        except ControlError:
-            os.close(fd)
-            raise
-        except RuntimeError as exc:
-            os.close(fd)
-            raise ControlError(control.INTERNAL, f"cannot start the FUSE session: {exc}") from None
+            init = base64.b64decode(str(msg.get("init", "")), validate=True)
+            reply = msg.get("init_reply")
+            expected = None if reply is None else base64.b64decode(str(reply), validate=True)
+            generation = int(msg.get("generation", 1))
+            wanted = {str(v) for v in msg.get("volumes") or ()}
+            kernel = fusewire.parse_init(init)
+        except (ValueError, TypeError, fusewire.WireError) as exc:
+            raise ControlError(control.INVALID_ARGUMENT, f"attach: {exc}") from None
+        missing = wanted - set(self.volumes.volumes)
+        if missing:
+            raise ControlError(
+                control.FAILED_PRECONDITION,
+                f"attach: {len(missing)} volume(s) were not restored first",
+            )
+        try:
+            fd, reply = await takeover.take_over(
+                self.fs, fds[0], init, fuse_options(True), expected
+            )
+        except takeover.TakeoverError as exc:
+            log.error("refusing the FUSE connection: %s; exiting", exc)
+            self.refused = True
+            raise ControlError(control.FAILED_PRECONDITION, str(exc)) from None
+        self.fuse_fd, self.init, self.init_reply = fd, init, reply
+        self.generation = generation
         self.attached = self.serving = True
-        self.fs.start(self.nursery)
+        resent = False
+        if generation > 1:
+            # We hold the node lock: every earlier generation is dead, so nothing runs twice.
+            if kernel.resend:
+                resent = fusewire.resend(fd)
+            if not resent:
+                log.warning(
+                    "this kernel cannot resend the requests the previous daemon had read "
+                    "(FUSE_NOTIFY_RESEND needs Linux 6.9); their callers wait until aborted"
+                )
+        self.fs.start(self.nursery, generation)
         self.nursery.start_soon(self._main)
-        log.info("serving the node FUSE session (fd %d)", fd)
-        return {}
+        if self.volumes.volumes:
+            self.fs.invalidate_files()
+            for vid in list(self.volumes.volumes):
+                self.nursery.start_soon(self.volumes.warm, vid)
+        log.info(
+            "serving the node FUSE connection: generation %d, %d volume(s)%s",
+            generation,
+            len(self.volumes.volumes),
+            ", unanswered requests resent" if resent else "",
+        )
+        return {
+            "init_reply": base64.b64encode(reply).decode(),
+            "resent": resent,
+            "next_inode": self.volumes.tree.next_inode,
+        }
+
+    def handback(self) -> dict[str, Any]:
+        """Give a restarted keeper what it lost: the connection (its fd goes with the answer)."""
+        if not self.attached or not self.serving:
+            raise ControlError(control.FAILED_PRECONDITION, "no FUSE connection to hand back")
+        return {
+            "proto": control.PROTOCOL,
+            "init": base64.b64encode(self.init).decode(),
+            "init_reply": base64.b64encode(self.init_reply).decode(),
+            "generation": self.generation,
+            "next_inode": self.volumes.tree.next_inode,
+            "volumes": sorted(self.volumes.volumes),
+        }
 
     async def _main(self) -> None:
         try:
@@ -195,22 +306,49 @@ class Daemon:
             log_unexpected(log, "the FUSE session failed")
         finally:
             self.serving = False
-            # With an fd-passed session there is nothing for us to unmount: the csi side does it.
+            # Our copy of the fd goes; the keeper's keeps the connection alive.
             pyfuse3.close(unmount=False)
             if not self.terminating:
-                log.warning("the node FUSE session ended (unmounted or aborted); exiting")
+                log.warning("the node FUSE session ended; exiting")
                 self.exit_code = 1
             self.nursery.cancel_scope.cancel()
 
-    async def add(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
-        identity = identity_from(msg.get("identity"))
+    def terminate(self) -> None:
+        """SIGTERM: stop reading requests; leave the connection and the volumes to the next
+        generation (nothing is revoked: the volumes live on)."""
+        self.terminating = True
+        if not self.serving:
+            self.nursery.cancel_scope.cancel()
+            return
+        pyfuse3.terminate()  # _main() returns once the requests being served are answered
+        self.nursery.cancel_scope.deadline = trio.current_time() + TERM_GRACE
+
+    # --- volumes ---
+
+    def _spc(self, msg: dict[str, Any], identity: Identity) -> spc_mod.SecretProviderClass:
         raw = msg.get("spc") or {}
-        spc = spc_mod.SecretProviderClass(
+        return spc_mod.SecretProviderClass(
             name=str(raw.get("name", "")),
             namespace=identity.namespace,
             provider=str(raw.get("provider", "")),
             parameters={str(k): str(v) for k, v in (raw.get("parameters") or {}).items()},
         )
+
+    async def _plan(self, spc: spc_mod.SecretProviderClass, msg: dict[str, Any]) -> Plan:
+        attributes = {str(k): str(v) for k, v in (msg.get("attributes") or {}).items()}
+        try:
+            # parse() may import a provider SDK the first time: keep that off the trio thread.
+            return await trio.to_thread.run_sync(spc_mod.plan, spc, attributes)
+        except ParameterError as exc:
+            problems = "; ".join(str(p) for p in exc.problems)
+            raise ControlError(
+                control.INVALID_ARGUMENT,
+                f"SecretProviderClass {spc.namespace}/{spc.name}: {problems}",
+            ) from None
+
+    async def add(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        identity = identity_from(msg.get("identity"))
+        spc = self._spc(msg, identity)
         where = f"SecretProviderClass {spc.namespace}/{spc.name}"
         existing = self.volumes.volumes.get(volume_id)
         if existing is not None:
@@ -219,25 +357,25 @@ class Daemon:
                     control.ALREADY_EXISTS, f"volume {volume_id} exists for another identity"
                 )
             self.volumes.refresh_identity(volume_id, identity)
-            return {"existing": True, "files": len(existing.plan.files)}
+            return {
+                "existing": True,
+                "files": len(existing.plan.files),
+                "inodes": existing.inodes,
+                "next_inode": self.volumes.tree.next_inode,
+            }
         if volume_id in self._pending:
             raise ControlError(control.ABORTED, f"volume {volume_id} is being added already")
-        attributes = {str(k): str(v) for k, v in (msg.get("attributes") or {}).items()}
         gid = int(msg.get("gid") or 0)
         self._pending.add(volume_id)
         try:
+            plan = await self._plan(spc, msg)
             try:
-                # parse() may import a provider SDK the first time: keep that off the trio thread.
-                plan = await trio.to_thread.run_sync(spc_mod.plan, spc, attributes)
-            except ParameterError as exc:
-                problems = "; ".join(str(p) for p in exc.problems)
-                raise ControlError(control.INVALID_ARGUMENT, f"{where}: {problems}") from None
-            try:
-                await self.volumes.add(volume_id, plan, identity, uid=0, gid=gid)
+                vol = await self.volumes.add(volume_id, plan, identity, uid=0, gid=gid)
             except VolumeError as exc:
                 raise ControlError(classify(exc), f"{where}: {exc}") from None
         finally:
             self._pending.discard(volume_id)
+        vol.record = record_request(msg)
         log.info(
             "volume %s added: %s for %s/%s, %d file(s), gid %d",
             volume_id,
@@ -247,7 +385,41 @@ class Daemon:
             len(plan.files),
             gid,
         )
-        return {"existing": False, "files": len(plan.files)}
+        return {
+            "existing": False,
+            "files": len(plan.files),
+            "inodes": vol.inodes,
+            "next_inode": self.volumes.tree.next_inode,
+        }
+
+    async def restore(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A volume of an earlier generation, before ``attach``: same inode numbers, no fetch
+        (values come on first use, or from ``warm`` once attached)."""
+        if self.attached:
+            raise ControlError(control.FAILED_PRECONDITION, "restore comes before attach")
+        if volume_id in self.volumes.volumes or volume_id in self._pending:
+            raise ControlError(control.ALREADY_EXISTS, f"volume {volume_id} exists")
+        record = msg.get("record")
+        inodes = msg.get("inodes")
+        if not isinstance(record, dict) or not isinstance(inodes, dict):
+            raise ControlError(control.INVALID_ARGUMENT, "restore needs a record and inodes")
+        self.volumes.tree.reserve(int(msg.get("next_inode") or 0))
+        identity = identity_from(record.get("identity"))
+        self._pending.add(volume_id)
+        try:
+            plan = await self._plan(self._spc(record, identity), record)
+            vol = await self.volumes.add(
+                volume_id,
+                plan,
+                identity,
+                uid=0,
+                gid=int(record.get("gid") or 0),
+                restore={str(k): int(v) for k, v in inodes.items()},
+            )
+        finally:
+            self._pending.discard(volume_id)
+        vol.record = record
+        return {"files": len(plan.files), "inodes": vol.inodes}
 
     def refresh(self, volume_id: str, tokens: Any) -> dict[str, Any]:
         vol = self.volumes.volumes.get(volume_id)
@@ -268,7 +440,15 @@ class Daemon:
                     sa_annotations=ident.sa_annotations,
                 ),
             )
+            identity = vol.record.get("identity")
+            if isinstance(identity, dict):
+                identity["tokens"] = tokens
         return {"tokens": len(fresh), "provider": vol.plan.provider}
+
+
+def record_request(msg: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an ``add`` request that rebuild the volume in another generation."""
+    return {k: msg.get(k) for k in ("spc", "attributes", "identity", "gid")}
 
 
 def _listen(path: str) -> socket.socket:
@@ -286,8 +466,29 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-async def serve(socket_path: str, opts: DaemonOptions, ready: Callable[[], None]) -> int:
+def _lock(path: str) -> int:
+    """The node lock: held from before we listen until this process is gone (the kernel drops
+    it however we die), so a daemon that holds it knows no earlier generation still runs."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("another secretfs daemon holds %s; waiting for it to exit", path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon], None]) -> int:
     log.info("process hardening: %s", harden(opts.lock_memory))
+    os.makedirs(os.path.dirname(socket_path) or ".", exist_ok=True)
+    lock = await trio.to_thread.run_sync(_lock, socket_path + ".lock", abandon_on_cancel=True)
+    try:
+        return await _serve(socket_path, opts, ready)
+    finally:
+        os.close(lock)
+
+
+async def _serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon], None]) -> int:
     volumes = Volumes(ttl=opts.ttl, max_stale=opts.max_stale, revoke_leases=opts.revoke_leases)
     fs = SecretFS(volumes, attr_timeout=opts.attr_timeout)
     listener = trio.socket.from_stdlib_socket(_listen(socket_path))
@@ -304,20 +505,15 @@ async def serve(socket_path: str, opts: DaemonOptions, ready: Callable[[], None]
         async def on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
-                    daemon.terminating = True
-                    if daemon.serving:
-                        pyfuse3.terminate()  # _main() then cancels everything
-                    else:
-                        nursery.cancel_scope.cancel()
+                    daemon.terminate()
                     return
 
         nursery.start_soon(accept_loop)
         nursery.start_soon(on_signal)
         log.info("control socket %s ready", socket_path)
-        ready()
-    with trio.CancelScope(shield=True):
-        for vid in list(volumes.volumes):
-            await volumes.remove(vid)
+        ready(daemon)
+    # The volumes are not removed (no lease is revoked): the keeper gives them to the next
+    # generation. They leave memory with this process.
     with contextlib.suppress(OSError):
         os.unlink(socket_path)
     return daemon.exit_code

@@ -10,6 +10,11 @@ Consistency rules (see docs/INTERNALS.md for the why):
   file size, so handles of two versions never see each other's bytes.
 - When a value changes, the inode's kernel caches are invalidated from a worker thread
   (``pyfuse3.invalidate_inode`` on the trio thread deadlocks against an in-flight READ).
+- File handles carry their inode (``fh >> 32``), and nothing the kernel holds depends on one
+  process's tables: after a takeover (secretfs/takeover.py) the new daemon generation serves
+  reads and releases of handles an earlier one issued, adopting such a handle with the version it
+  serves now (one version from then on), and answers getattr of a file whose value it has not
+  fetched yet by fetching it (the reader stalls; it never sees size 0).
 - Every write-ish request fails with EROFS. No handler lets anything but FUSEError escape: one
   stray exception would end ``pyfuse3.main`` and leave every mount dead.
 """
@@ -39,6 +44,9 @@ audit = logging.getLogger("secretfs.audit")
 # The kernel may cache names and attributes this long; content changes are pushed to it by
 # invalidation, so this only bounds how long a stale size could survive a lost invalidation.
 ATTR_TIMEOUT = 60.0
+# fh = inode << FH_SHIFT | a per-open counter: any generation can tell a handle's inode.
+FH_SHIFT = 32
+_FH_MASK = (1 << FH_SHIFT) - 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -89,14 +97,18 @@ class SecretFS(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        self.adopted = 0  # handles of an earlier daemon generation served by this one
         self._states: dict[int, _InodeState] = {}
         self._nursery: trio.Nursery | None = None
         self._inval_limiter = trio.CapacityLimiter(1)
         volumes.on_inodes_changed.append(self.invalidate)
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Kernel invalidations are sent from ``nursery`` (only once the filesystem is mounted)."""
+    def start(self, nursery: trio.Nursery, generation: int = 1) -> None:
+        """Kernel invalidations are sent from ``nursery`` (only once the filesystem is mounted).
+        Handles of each connection ``generation`` count from their own range of 2**24, so a
+        handle number an earlier generation left open is not soon issued again."""
         self._nursery = nursery
+        self._next_fh = ((generation & 0xFF) << 24) | 1
 
     # --- names and attributes -----------------------------------------------------------------
 
@@ -105,6 +117,17 @@ class SecretFS(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
+
+    async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of ``node``; for a file whose value this generation never had (after a
+        takeover), fetch it first: a size of 0 would stay in the kernel's attribute cache."""
+        if node.spec is not None and self.volumes.peek(node.inode) is None:
+            try:
+                await self.volumes.content(node.inode)
+            except FetchError as exc:
+                log.warning("stat %s/%s: %s", node.volume, node.spec.path, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        return self._attrs(node)
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -157,11 +180,11 @@ class SecretFS(pyfuse3.Operations):
         node = self.tree.lookup(parent_inode, name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(node)
+        return await self._entry(node)
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self._node(inode))
+        return await self._entry(self._node(inode))
 
     @guarded
     async def forget(self, inode_list: Iterable[tuple[int, int]]) -> None:
@@ -186,7 +209,11 @@ class SecretFS(pyfuse3.Operations):
         children = self.tree.children(fh)
         for i in range(start_id, len(children)):
             child = children[i]
-            if not pyfuse3.readdir_reply(token, child.name, self._attrs(child), i + 1):
+            try:
+                attrs = await self._entry(child)
+            except pyfuse3.FUSEError:
+                continue  # unreadable for now; a lookup of it answers EIO
+            if not pyfuse3.readdir_reply(token, child.name, attrs, i + 1):
                 break
 
     @guarded
@@ -211,7 +238,7 @@ class SecretFS(pyfuse3.Operations):
         # Is a handle of another version open? (Counter keys are the versions with open handles.)
         ov = st.open_versions
         others = len(ov) > 1 or (len(ov) == 1 and content.version not in ov)
-        fh = self._next_fh
+        fh = inode << FH_SHIFT | (self._next_fh & _FH_MASK)
         self._next_fh += 1
         if not others and st.reported == content.version:
             fi = pyfuse3.FileInfo(fh=fh, keep_cache=st.page_version == content.version)
@@ -220,9 +247,7 @@ class SecretFS(pyfuse3.Operations):
             fi = pyfuse3.FileInfo(fh=fh, direct_io=True)
             if st.reported != content.version and not others:
                 self.invalidate({inode})
-        st.open_versions[content.version] += 1
-        st.open_sizes[content.version] = len(content.data)
-        self._handles[fh] = _Handle(inode, content)
+        self._hold(fh, inode, content)
         if audit.isEnabledFor(logging.INFO):
             audit.info(
                 "open volume=%s path=%s uid=%d gid=%d pid=%d version=%s",
@@ -235,12 +260,36 @@ class SecretFS(pyfuse3.Operations):
             )
         return fi
 
+    def _hold(self, fh: int, inode: int, content: Rendered) -> None:
+        st = self._state(inode)
+        st.open_versions[content.version] += 1
+        st.open_sizes[content.version] = len(content.data)
+        self._handles[fh] = _Handle(inode, content)
+
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handles.get(fh)
         if h is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            h = await self._adopt(fh)
         return h.content.data[off : off + size]
+
+    async def _adopt(self, fh: int) -> _Handle:
+        """A handle this process never issued: an earlier generation opened it."""
+        inode = fh >> FH_SHIFT
+        node = self.tree.get(inode)
+        if node is None or node.spec is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            content = await self.volumes.content(inode)
+        except FetchError as exc:
+            log.warning("read %s/%s: %s", node.volume, node.spec.path, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        h = self._handles.get(fh)  # another read of the same handle may have adopted it
+        if h is None:
+            self._hold(fh, inode, content)
+            self.adopted += 1
+            h = self._handles[fh]
+        return h
 
     @guarded
     async def release(self, fh: int) -> None:
@@ -291,6 +340,11 @@ class SecretFS(pyfuse3.Operations):
         """Drop the kernel's cached attributes and pages of ``inodes`` (asynchronously)."""
         if self._nursery is not None:
             self._nursery.start_soon(self._invalidate, tuple(inodes))
+
+    def invalidate_files(self) -> None:
+        """Drop what the kernel caches of every file: after a takeover its attributes and pages
+        may be of a version this generation does not serve."""
+        self.invalidate({n.inode for n in self.tree.nodes.values() if n.spec is not None})
 
     def forget_entry(self, parent: int, name: bytes) -> None:
         """Tell the kernel a name is gone (a removed volume's directory)."""

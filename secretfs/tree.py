@@ -1,14 +1,17 @@
 """The inode tree: one directory per volume (or the root itself in standalone mode), files below.
 
-Inode numbers are handed out once and never reused while the daemon runs, so a number the kernel
-holds always means the same file or nothing at all. Pure data, no I/O: the FUSE layer and tests use
-it directly.
+Inode numbers are handed out once and never reused, so a number the kernel holds always means the
+same file or nothing at all. That holds across daemon generations too: the kernel keeps node ids
+when a new daemon takes the connection over, so a volume is rebuilt with the inode numbers it had
+(``add_volume(inodes=...)``, the map it returned when it was first added) and new numbers start
+above every number ever handed out on the connection (``reserve``). Pure data, no I/O: the FUSE
+layer and tests use it directly.
 """
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from providers.base import FileSpec
@@ -93,8 +96,12 @@ class Tree:
         gid: int,
         mtime_ns: int,
         at_root: bool = False,
-    ) -> int:
-        """Add a volume's files; returns the inode of the volume's directory."""
+        inodes: Mapping[str, int] | None = None,
+    ) -> dict[str, int]:
+        """Add a volume's files; returns the inode of each path created ("" is the volume's
+        directory). A path in ``inodes`` gets that number again if it is free."""
+        wanted = inodes or {}
+        made: dict[str, int] = {}
         if at_root:
             top = ROOT_INODE
             root = self.nodes[ROOT_INODE]
@@ -103,25 +110,30 @@ class Tree:
             name = volume.encode()
             if self.lookup(ROOT_INODE, name) is not None:
                 raise ValueError(f"volume {volume!r} exists")
-            top = self._mkdir(ROOT_INODE, name, volume, uid, gid, mtime_ns)
+            top = self._mkdir(ROOT_INODE, name, volume, uid, gid, mtime_ns, wanted.get(""))
+            made[""] = top
         for spec, key in files:
-            *dirs, base = spec.path.encode().split(b"/")
+            *dirs, base = spec.path.split("/")
             parent = top
-            for d in dirs:
-                existing = self.lookup(parent, d)
+            for i, d in enumerate(dirs):
+                existing = self.lookup(parent, d.encode())
                 if existing is None:
-                    parent = self._mkdir(parent, d, volume, uid, gid, mtime_ns)
+                    path = "/".join(dirs[: i + 1])
+                    parent = self._mkdir(
+                        parent, d.encode(), volume, uid, gid, mtime_ns, wanted.get(path)
+                    )
+                    made[path] = parent
                 elif existing.is_dir:
                     parent = existing.inode
                 else:
                     raise ValueError(f"{spec.path!r}: {d!r} is a file")
-            if self.lookup(parent, base) is not None:
+            if self.lookup(parent, base.encode()) is not None:
                 raise ValueError(f"duplicate file {spec.path!r}")
-            ino = self._new(parent, base)
+            ino = made[spec.path] = self._new(parent, base.encode(), wanted.get(spec.path))
             self.nodes[ino] = Node(
                 ino,
                 parent,
-                base,
+                base.encode(),
                 stat.S_IFREG | spec.mode,
                 uid,
                 gid,
@@ -131,7 +143,15 @@ class Tree:
                 mtime_ns=mtime_ns,
             )
             self.by_key.setdefault(key, set()).add(ino)
-        return top
+        return made
+
+    def reserve(self, next_inode: int) -> None:
+        """Never hand out a number below ``next_inode`` (numbers an earlier generation used)."""
+        self._next = max(self._next, next_inode)
+
+    @property
+    def next_inode(self) -> int:
+        return self._next
 
     def remove_volume(self, volume: str) -> list[int]:
         """Remove a volume's nodes; returns the removed inodes (the root is never removed)."""
@@ -159,18 +179,28 @@ class Tree:
             for child in self.children(inode):
                 yield from self.walk(child.inode)
 
-    def _new(self, parent: int, name: bytes) -> int:
-        ino = self._next
-        self._next += 1
+    def _new(self, parent: int, name: bytes, wanted: int | None = None) -> int:
+        if wanted is not None and ROOT_INODE < wanted < self._next and wanted not in self.nodes:
+            ino = wanted
+        else:
+            ino = self._next
+            self._next += 1
         p = self.nodes[parent]
         assert p.children is not None
         p.children[name] = ino
         return ino
 
     def _mkdir(
-        self, parent: int, name: bytes, volume: str, uid: int, gid: int, mtime_ns: int
+        self,
+        parent: int,
+        name: bytes,
+        volume: str,
+        uid: int,
+        gid: int,
+        mtime_ns: int,
+        wanted: int | None = None,
     ) -> int:
-        ino = self._new(parent, name)
+        ino = self._new(parent, name, wanted)
         self.nodes[ino] = Node(
             ino,
             parent,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import trio
 
@@ -54,6 +55,11 @@ class Volume:
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     # Static sources that came back with a lease and have been warned about (once each).
     warned: set[Hashable] = field(default_factory=set)
+    # The inode of each path ("" is the volume's directory): the next daemon generation reuses
+    # them, since the kernel keeps node ids across a takeover.
+    inodes: dict[str, int] = field(default_factory=dict)
+    # The request that added it, for the keeper (tokens and nodePublishSecretRef data: never log).
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -96,28 +102,61 @@ class Volumes:
         uid: int,
         gid: int,
         at_root: bool = False,
+        restore: Mapping[str, int] | None = None,
     ) -> Volume:
+        """Fetch everything, then let the files appear. With ``restore`` (the inode map of the
+        volume in an earlier daemon generation) the files appear at once with those numbers and
+        their values are fetched when first used (or by ``warm``)."""
         if volume_id in self.volumes:
             raise VolumeError(f"volume {volume_id!r} already exists")
         provider = get_provider(plan.provider)
         vol = Volume(volume_id, plan, provider, identity, uid, gid)
         for spec in plan.files:
             vol.keys[spec] = self._key(vol, spec)
-        await self._prefetch(vol)
+        if restore is None:
+            await self._prefetch(vol)
         # Only now do the files appear.
         self.volumes[volume_id] = vol
         self.cache.retain(vol.keys.values())
-        self.tree.add_volume(
+        vol.inodes = self.tree.add_volume(
             volume_id,
             [(spec, key) for spec, key in vol.keys.items()],
             uid=uid,
             gid=gid,
             mtime_ns=time.time_ns(),
             at_root=at_root,
+            inodes=restore,
         )
         if vol.leases and self._nursery is not None:
             self._nursery.start_soon(self._renew_leases, vol)
         return vol
+
+    async def warm(self, volume_id: str) -> None:
+        """Fetch the values of a restored volume before anyone asks (through the cache, so a
+        reader asking at the same time shares the fetch; dynamic material is issued once)."""
+        vol = self.volumes.get(volume_id)
+        if vol is None:
+            return
+        failed = []
+        for spec in vol.plan.files:
+            ino = vol.inodes.get(spec.path)
+            if ino is None or self.volumes.get(volume_id) is not vol:
+                return
+            try:
+                await self.content(ino)
+            except FetchError as exc:
+                failed.append(exc)
+        if vol.leases and self._nursery is not None:
+            self._nursery.start_soon(self._renew_leases, vol)
+        if failed:
+            log.warning(
+                "volume %s: %d of %d file(s) could not be fetched again after the takeover; "
+                "they answer EIO until their backend does: %s",
+                volume_id,
+                len(failed),
+                len(vol.plan.files),
+                failed[0],
+            )
 
     def refresh_identity(self, volume_id: str, identity: Identity) -> None:
         """A republish brought fresh tokens; the identity key must not change."""

@@ -74,6 +74,8 @@ class CsiNode:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sfs-", dir="/tmp")))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_port: int = field(default_factory=free_port)
+    daemon_module: str = "secretfs"  # tests.slow_daemon: the daemon with slow reads
+    csi_extra: tuple[str, ...] = ()
     _channel: grpc.Channel | None = None
 
     @property
@@ -91,12 +93,12 @@ class CsiNode:
     # --- processes ---
 
     def _spawn(
-        self, name: str, *args: str, prefix: tuple[str, ...] = ()
+        self, name: str, *args: str, prefix: tuple[str, ...] = (), module: str = "secretfs"
     ) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "secretfs", *args, "--log-level", self.log_level],
+                [*prefix, sys.executable, "-m", module, *args, "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -123,6 +125,7 @@ class CsiNode:
             f"127.0.0.1:{self.metrics_port}",
             "--kubeconfig",
             str(self.kubeconfig),
+            *self.csi_extra,
         ]
 
     def start_daemon(self, no_capabilities: bool = False) -> None:
@@ -133,7 +136,9 @@ class CsiNode:
         prefix = (
             ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--") if no_capabilities else ()
         )
-        proc = self._spawn("daemon", "daemon", *self.daemon_args(), prefix=prefix)
+        proc = self._spawn(
+            "daemon", "daemon", *self.daemon_args(), prefix=prefix, module=self.daemon_module
+        )
         self._wait(lambda: os.path.exists(self.daemon_socket), proc, "daemon")
 
     def start_csi(self) -> None:

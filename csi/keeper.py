@@ -1,0 +1,235 @@
+"""The keeper: the csi process holds the node's FUSE connection so that it outlives any daemon.
+
+A container sees its volume through a bind mount copied into its own mount namespace: if the FUSE
+connection died with a daemon, that copy would stay dead until the pod is recreated. The kernel
+keeps a connection while one open file of /dev/fuse refers to it, so this process keeps the file
+it mounted with, the kernel's one ``FUSE_INIT`` request (read right after the mount), the first
+generation's INIT reply, and every published volume's record (the daemon's ``add`` request, with
+tokens and nodePublishSecretRef data, and the volume's inode numbers) — in memory only.
+
+When a daemon generation goes (crash, OOM kill, upgrade), requests wait in the kernel. The next
+daemon gets every volume (``restore``) and then the connection (``attach``); readers saw a stall,
+not an error. If this process restarts, it takes the same state back from the daemon
+(``handback``, ``export``). Only both processes gone at once loses the connection.
+
+``takeover_timeout`` (0: never) bounds how long readers may wait for a daemon: past it the keeper
+closes its fd, the kernel aborts the connection and readers get ENOTCONN (then only a new pod
+helps). Waiting is the default: like an NFS hard mount, a node whose daemon comes back (a
+rollback, a crash loop that ends) recovers every pod without recreating any.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from csi import metrics, mounts
+from secretfs import control, fusewire
+from secretfs.control import ControlError
+
+log = logging.getLogger(__name__)
+
+# How often a keeper with no daemon looks for the next generation.
+POLL = 0.05
+
+
+@dataclass
+class Connection:
+    fd: int
+    device: str  # major:minor of the node root mount
+    init: bytes = field(repr=False)
+    init_reply: bytes | None = field(repr=False)
+    generation: int
+    next_inode: int
+    # volume id -> {"record": the add request, "inodes": {path: inode}}; holds tokens: never log.
+    volumes: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+
+class Keeper:
+    def __init__(self, client: control.Client, takeover_timeout: float = 0.0) -> None:
+        self.client = client
+        self.takeover_timeout = takeover_timeout
+        self.conn: Connection | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        conn = self.conn
+        return conn.generation if conn is not None else 0
+
+    # --- volume records (publish, republish, unpublish) ---
+
+    def record(self, volume_id: str, record: dict[str, Any], answer: dict[str, Any]) -> None:
+        with self.lock:
+            if self.conn is None:
+                return
+            self.conn.volumes[volume_id] = {
+                "record": record,
+                "inodes": dict(answer.get("inodes") or {}),
+            }
+            self.conn.next_inode = max(self.conn.next_inode, int(answer.get("next_inode") or 0))
+
+    def update_tokens(self, volume_id: str, tokens: dict[str, Any]) -> None:
+        with self.lock:
+            entry = self.conn.volumes.get(volume_id) if self.conn else None
+            if entry is not None and tokens:
+                entry["record"]["identity"]["tokens"] = tokens
+
+    def forget(self, volume_id: str) -> None:
+        with self.lock:
+            if self.conn is not None:
+                self.conn.volumes.pop(volume_id, None)
+
+    # --- the connection ---
+
+    def mount_fresh(self, mount_root: str, uid: int, gid: int) -> None:
+        """Mount a new node root, read its FUSE_INIT and hand it to the daemon (generation 1)."""
+        self.drop("a new node root is mounted")
+        os.makedirs(mount_root, mode=0o755, exist_ok=True)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            mounts.mount_fuse_root(mount_root, fd, uid, gid)
+            try:
+                init = fusewire.read_init(fd)
+                root = mounts.node_root(mounts.read_mountinfo(), mount_root)
+                if root is None:
+                    raise OSError(f"{mount_root} is not mounted after mount(2)")
+                answer = self.client.attach(fd, init, None, 1, [])
+            except BaseException:
+                mounts.unmount_all(mount_root)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        reply = control.b64(answer.get("init_reply"))
+        with self.lock:
+            self.conn = Connection(fd, root.device, init, reply, 1, int(answer["next_inode"]))
+        log.info("node root %s mounted and handed to the daemon", mount_root)
+
+    def take_over(self) -> dict[str, Any]:
+        """Give the held connection and every volume to a daemon that serves nothing yet."""
+        conn = self.conn
+        assert conn is not None
+        with self.lock:
+            volumes = {vid: dict(v) for vid, v in conn.volumes.items()}
+            next_inode = conn.next_inode
+        start = time.monotonic()
+        restored = []
+        for vid, entry in volumes.items():
+            try:
+                answer = self.client.restore(vid, entry["record"], entry["inodes"], next_inode)
+            except control.Unreachable:
+                raise
+            except ControlError as exc:
+                # This generation cannot parse what an earlier one accepted (an upgrade that is
+                # stricter): the volume's files answer ENOENT; every other volume carries on.
+                log.error("volume %s could not be restored: %s", vid, exc.message)
+                metrics.takeover_volume_errors.inc()
+                continue
+            restored.append(vid)
+            lost = set(entry["inodes"].values()) - set((answer.get("inodes") or {}).values())
+            if lost:
+                log.warning("volume %s: %d path(s) are gone after the takeover", vid, len(lost))
+        waiting = fusewire.waiting(conn.device)
+        answer = self.client.attach(
+            conn.fd, conn.init, conn.init_reply, conn.generation + 1, restored
+        )
+        with self.lock:
+            conn.generation += 1
+            conn.next_inode = max(conn.next_inode, int(answer.get("next_inode") or 0))
+        metrics.takeovers.inc()
+        if waiting is not None:
+            metrics.takeover_waiting.set(waiting)
+        if answer.get("resent"):
+            metrics.takeover_resends.inc()
+        log.info(
+            "FUSE connection handed to daemon generation %d: %d volume(s) in %.0f ms%s",
+            conn.generation,
+            len(restored),
+            (time.monotonic() - start) * 1e3,
+            f", {waiting} request(s) were waiting" if waiting is not None else "",
+        )
+        return answer
+
+    def reclaim(self, root: mounts.MountInfo) -> None:
+        """This process restarted while a daemon served: take the connection and records back."""
+        answer, fd = self.client.handback()
+        try:
+            conn = Connection(
+                fd,
+                root.device,
+                control.b64(answer.get("init")) or b"",
+                control.b64(answer.get("init_reply")),
+                int(answer["generation"]),
+                int(answer["next_inode"]),
+            )
+            for vid in answer.get("volumes") or ():
+                conn.volumes[vid] = self.client.export(vid)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self.lock:
+            self.conn = conn
+        log.info(
+            "took the FUSE connection back from daemon generation %d (%d volume(s))",
+            conn.generation,
+            len(conn.volumes),
+        )
+
+    def drop(self, why: str) -> None:
+        """Let go of the connection: if no daemon holds it either, the kernel aborts it."""
+        with self.lock:
+            conn, self.conn = self.conn, None
+        if conn is not None:
+            log.warning("letting go of the FUSE connection: %s", why)
+            with contextlib.suppress(OSError):
+                os.close(conn.fd)
+
+    # --- the watch ---
+
+    def watch(self, ensure: Any, stop: threading.Event) -> None:
+        """Run in a thread: whenever the daemon serving our connection goes, hand the connection
+        to the next one (``ensure`` is ``Node.ensure_root``) as soon as it answers."""
+        while not stop.is_set():
+            if self.conn is None:
+                stop.wait(0.5)
+                continue
+            try:
+                status = self.client.status(2.0)
+            except ControlError:
+                status = {}
+            if status.get("serving"):
+                with contextlib.suppress(ControlError):
+                    self.client.watch()  # returns when that daemon is gone
+                stop.wait(POLL)
+                continue
+            self._recover(ensure, stop)
+
+    def _recover(self, ensure: Any, stop: threading.Event) -> None:
+        gone = time.monotonic()
+        before = self.generation
+        while not stop.is_set() and self.conn is not None:
+            try:
+                ensure()
+            except Exception as exc:
+                message = getattr(exc, "message", type(exc).__name__)
+                log.debug("takeover not possible yet: %s", message)
+            else:
+                if self.conn is not None and self.generation != before:
+                    stall = time.monotonic() - gone
+                    metrics.takeover_stall.set(stall)
+                    log.info("the FUSE connection is served again after %.2f s", stall)
+                return
+            if self.takeover_timeout and time.monotonic() - gone > self.takeover_timeout:
+                self.drop(
+                    f"no daemon took it over within --takeover-timeout "
+                    f"{self.takeover_timeout:g} s; readers get ENOTCONN"
+                )
+                metrics.connection_aborts.inc()
+                return
+            stop.wait(POLL)
