@@ -56,6 +56,7 @@ class Keeper:
         self.takeover_timeout = takeover_timeout
         self.conn: Connection | None = None
         self.lock = threading.Lock()
+        self._refused: object = None  # the daemon pid we last said no to
 
     @property
     def generation(self) -> int:
@@ -111,10 +112,20 @@ class Keeper:
             self.conn = Connection(fd, root.device, init, reply, 1, int(answer["next_inode"]))
         log.info("node root %s mounted and handed to the daemon", mount_root)
 
-    def take_over(self) -> dict[str, Any]:
+    def take_over(self, status: dict[str, Any]) -> dict[str, Any]:
         """Give the held connection and every volume to a daemon that serves nothing yet."""
         conn = self.conn
         assert conn is not None
+        if status.get("proto") != control.PROTOCOL:
+            message = (
+                f"the daemon speaks hand-over protocol {status.get('proto')!r}, this csi process "
+                f"{control.PROTOCOL}: it is not given the FUSE connection (readers keep waiting); "
+                "run matching releases of both"
+            )
+            if self._refused != status.get("pid"):
+                self._refused = status.get("pid")
+                log.error("%s", message)
+            raise ControlError(control.FAILED_PRECONDITION, message)
         with self.lock:
             volumes = {vid: dict(v) for vid, v in conn.volumes.items()}
             next_inode = conn.next_inode

@@ -134,7 +134,9 @@ class Node:
                 return root, status
             if self.keeper.conn is not None:
                 if root is not None and root.device == self.keeper.conn.device:
-                    self._call(self.keeper.take_over, "hand the connection to the new daemon")
+                    self._call(
+                        lambda: self.keeper.take_over(status), "hand the connection to the daemon"
+                    )
                     return root, self.status()
                 self.keeper.drop(f"the node root at {self.mount_root} is gone")
             if root is not None:

@@ -12,7 +12,7 @@ import trio
 from providers.base import FetchError
 from secretfs import control
 from secretfs.control import ControlError
-from secretfs.daemon import DaemonOptions, classify, identity_from, serve
+from secretfs.daemon import Daemon, DaemonOptions, classify, identity_from, serve
 from secretfs.volumes import VolumeError
 
 
@@ -60,7 +60,13 @@ async def test_operations_over_the_socket(
     ).create_secret(Name="db", SecretString="v1")
     path = str(tmp_path / "d.sock")
     started = trio.Event()
-    nursery.start_soon(serve, path, DaemonOptions(lock_memory=False), started.set)
+    daemons: list[Daemon] = []
+
+    def ready(daemon: Daemon) -> None:
+        daemons.append(daemon)
+        started.set()
+
+    nursery.start_soon(serve, path, DaemonOptions(lock_memory=False), ready)
     await started.wait()
     client = control.Client(path)
 
@@ -77,6 +83,12 @@ async def test_operations_over_the_socket(
     # Ambient AWS keys are in this process's environment, but a pod gets only its own identity:
     # without a token and role the fetch is refused, never served with the daemon's keys.
     ident = {"namespace": "ns", "service_account": "sa"}
+    # Before a FUSE connection is attached no volume is added: the keeper restores its volumes
+    # first, with the inode numbers the kernel knows.
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30))
+    assert info.value.code == control.UNAVAILABLE
+    daemons[0].attached = True  # this test is about the operations, not the FUSE session
     with pytest.raises(ControlError) as info:
         await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30))
     assert info.value.code == control.FAILED_PRECONDITION

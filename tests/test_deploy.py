@@ -266,6 +266,7 @@ def test_csi_daemonset_registration_and_propagation(root: str) -> None:
         "--daemon-socket": "/run/secretfs/sock/daemon.sock",
         "--mount-root": "/run/secretfs/mnt",
         "--metrics-addr": ":8095",
+        "--takeover-timeout": "0",
         "--log-level": "INFO",
         "--log-format": "json",
     }
@@ -286,9 +287,13 @@ def test_csi_daemonset_registration_and_propagation(root: str) -> None:
     assert ds["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
 
 
-def test_daemon_daemonset_is_unprivileged_and_on_delete() -> None:
+def test_daemon_daemonset_is_unprivileged_and_rolls() -> None:
     ds = one(render(), "DaemonSet", "-daemon")
-    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    # The csi process keeps the FUSE connection across daemon restarts: the daemon may roll.
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
     pod = ds["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["tolerations"] == [{"operator": "Exists"}]

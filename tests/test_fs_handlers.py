@@ -14,7 +14,7 @@ import trio.testing
 
 import providers
 from providers.base import AMBIENT, FetchError, Identity
-from secretfs.fs import SecretFS
+from secretfs.fs import FH_SHIFT, SecretFS
 from secretfs.tree import ROOT_INODE
 from secretfs.volumes import VolumeError, Volumes
 from tests.fake_provider import FakeProvider
@@ -88,9 +88,27 @@ async def test_reads_slice_the_snapshot(fs: SecretFS) -> None:
     assert await fs.read(fi.fh, 3, 4) == b"swor"
     assert await fs.read(fi.fh, 100, 4) == b""
     await fs.release(fi.fh)
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        await fs.read(fi.fh, 0, 1)
-    assert exc.value.errno == errno.EBADF
+
+
+async def test_handles_of_an_earlier_generation_are_served(fs: SecretFS) -> None:
+    # After a takeover the kernel sends READ and RELEASE with handles an earlier daemon issued:
+    # the handle carries its inode, so this process serves it (and from then on one version).
+    db = await ino(fs, "db")
+    issued = await fs.open(db, os.O_RDONLY, CTX)
+    assert issued.fh >> FH_SHIFT == db
+    foreign = (db << FH_SHIFT) | 0xABCDEF
+    assert await fs.read(foreign, 0, 100) == b"password-1"
+    assert fs.adopted == 1
+    assert await fs.read(foreign, 4, 4) == b"word"
+    assert fs.adopted == 1
+    await fs.release(foreign)
+    await fs.release((db << FH_SHIFT) | 0x123)  # never seen: nothing to do
+    # A handle whose inode is gone (or never was a file) is refused, not guessed at.
+    for fh in ((99999 << FH_SHIFT) | 1, 1 << FH_SHIFT, 0):
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.read(fh, 0, 1)
+        assert exc.value.errno == errno.EBADF
+    await fs.release(issued.fh)
 
 
 @pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC])
@@ -297,3 +315,35 @@ async def test_last_close_of_an_old_version_invalidates_the_inode(
     await read_all(fs, db)
     await until(lambda: len(cache) == 1 and not cache._inflight)  # only "api" is left
     assert await release(h4.fh) == []
+
+
+async def test_a_restored_volume_keeps_its_inodes_and_fetches_on_first_use(
+    fake: FakeProvider,
+) -> None:
+    # The next daemon generation rebuilds a volume with the inode numbers the kernel holds, and
+    # answers getattr of a value it has not fetched yet by fetching it (never size 0).
+    async with trio.open_nursery() as n:
+        first = Volumes(ttl=10, max_stale=100)
+        first.start(n)
+        plan = fake.parse({"objects": OBJECTS})
+        await first.add("other", plan, AMBIENT, uid=0, gid=0)
+        vol = await first.add("v", plan, AMBIENT, uid=0, gid=0)
+        assert set(vol.inodes) == {"", "db", "app", "app/api-key"}
+        high = first.tree.next_inode
+
+        second = Volumes(ttl=10, max_stale=100)
+        second.start(n)
+        second.tree.reserve(high)
+        fake.set("api", b"key-2-longer")
+        calls = sum(fake.calls.values())
+        again = await second.add("v", plan, AMBIENT, uid=0, gid=0, restore=vol.inodes)
+        assert again.inodes == vol.inodes
+        assert sum(fake.calls.values()) == calls  # nothing fetched yet
+        fs = SecretFS(second)
+        api = vol.inodes["app/api-key"]
+        assert (await fs.getattr(api, CTX)).st_size == len(b"key-2-longer")
+        assert fake.calls["api"] == 2
+        # New numbers start above every number the earlier generation handed out.
+        new = await second.add("new", plan, AMBIENT, uid=0, gid=0)
+        assert min(new.inodes.values()) >= high
+        n.cancel_scope.cancel()

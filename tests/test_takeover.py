@@ -10,6 +10,8 @@ sent.
 
 from __future__ import annotations
 
+import errno
+import random
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -112,5 +114,118 @@ def test_kill_9_and_restart_is_a_stall_not_an_error(
     # The host path reads too, and the reader's bind never reached the host.
     assert (target / NAME).read_text() == VALUE
     assert not is_mounted(tmp_path / "ctr")
-    metrics = node.metrics()
-    assert "secretfs_takeovers_total 1.0" in metrics
+    assert metric(node, "secretfs_takeovers_total") == 1.0
+    assert metric(node, "secretfs_takeover_last_stall_seconds") < MAX_STALL
+
+
+def test_kill_9_at_random_moments_with_reads_in_flight(
+    make_node: Callable[..., CsiNode], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every OPEN and READ takes 50 ms in the daemon: kills land on requests it has read and not
+    # answered, which the kernel must give to the next generation (FUSE_NOTIFY_RESEND).
+    monkeypatch.setenv("SECRETFS_TEST_READ_DELAY", "0.05")
+    node = make_node(daemon_module="tests.slow_daemon", log_level="INFO")
+    (target,) = published(node, tmp_path)
+    rng = random.Random(9)
+    r = reader(tmp_path, target, threads=4)
+    try:
+        for _ in range(20):
+            # A random moment: sometimes while the previous takeover is still under way.
+            time.sleep(rng.uniform(0.0, 1.2))
+            restart_daemon(node)
+        assert wait_for(lambda: generation(node) > 1, timeout=20)
+        time.sleep(0.5)
+    finally:
+        summary = r.finish()
+    assert_clean(summary)
+    logs = node.log("daemon")
+    assert "unanswered requests resent" in logs
+    assert int(metric(node, "secretfs_takeovers_total")) >= 10
+
+
+def test_sigterm_upgrade_path(make_node: Callable[..., CsiNode], tmp_path: Path) -> None:
+    node = make_node()
+    targets = published(node, tmp_path, pods=2)
+    readers = [reader(tmp_path, t, f"ctr{i}") for i, t in enumerate(targets)]
+    try:
+        for expected in (2, 3):
+            restart_daemon(node, signal.SIGTERM)
+            assert wait_for(lambda e=expected: generation(node) == e, timeout=20)  # type: ignore[misc]
+        time.sleep(0.3)
+    finally:
+        summaries = [r.finish() for r in readers]
+    for summary in summaries:
+        assert_clean(summary)
+    assert "exiting" not in node.log("daemon")  # a SIGTERM'd daemon leaves quietly
+
+
+def test_csi_restart_between_daemon_restarts(
+    make_node: Callable[..., CsiNode], tmp_path: Path
+) -> None:
+    node = make_node()
+    (target,) = published(node, tmp_path)
+    r = reader(tmp_path, target)
+    try:
+        restart_daemon(node)
+        assert wait_for(lambda: generation(node) == 2, timeout=20)
+        # The keeper dies; the daemon holds the connection and gives it back to the next one.
+        node.kill("csi")
+        node.start_csi()
+        assert wait_for(lambda: "took the FUSE connection back" in node.log("csi"), timeout=20)
+        restart_daemon(node)
+        assert wait_for(lambda: generation(node) == 3, timeout=20)
+        time.sleep(0.3)
+    finally:
+        summary = r.finish()
+    assert_clean(summary)
+    # Publishing and unpublishing still work, on the same connection.
+    other = node.publish(Pod("app-9", "7a000000-0000-0000-0000-000000000009"))
+    assert (other / NAME).read_text() == VALUE
+    node.unpublish(Pod("app-9", "7a000000-0000-0000-0000-000000000009"))
+    assert "detaching" not in node.log("csi")
+
+
+def test_an_incompatible_daemon_is_refused_and_the_state_kept(
+    make_node: Callable[..., CsiNode], tmp_path: Path
+) -> None:
+    node = make_node()
+    (target,) = published(node, tmp_path)
+    r = reader(tmp_path, target)
+    try:
+        node.daemon_module = "tests.odd_daemon"  # speaks hand-over protocol 99
+        restart_daemon(node)
+        assert wait_for(lambda: "protocol 99" in node.log("csi"), timeout=20)
+        assert generation(node) == 0  # it serves nothing
+        node.daemon_module = "secretfs"  # the rollback
+        restart_daemon(node)
+        assert wait_for(lambda: generation(node) == 2, timeout=20)
+        time.sleep(0.3)
+    finally:
+        summary = r.finish()
+    assert summary["errors"] == {} and set(summary["seen"]) == {VALUE}
+    assert (target / NAME).read_text() == VALUE
+
+
+def test_takeover_timeout_aborts_so_readers_get_an_error(
+    make_node: Callable[..., CsiNode], tmp_path: Path
+) -> None:
+    node = make_node(csi_extra=("--takeover-timeout", "1"))
+    (target,) = published(node, tmp_path)
+    node.kill("daemon")
+    assert wait_for(lambda: "--takeover-timeout" in node.log("csi"), timeout=20)
+    with pytest.raises(OSError) as info:
+        (target / NAME).read_text()
+    assert info.value.errno == errno.ENOTCONN
+    assert metric(node, "secretfs_connection_aborts_total") == 1.0
+    # A new daemon gets a fresh node root; the pod is republished (recreated) to use it.
+    node.start_daemon()
+    node.unpublish(Pod("app-0", "7a000000-0000-0000-0000-000000000000"))
+    again = node.publish(Pod("app-0", "7a000000-0000-0000-0000-000000000000"))
+    assert (again / NAME).read_text() == VALUE
+
+
+def metric(node: CsiNode, name: str) -> float:
+    for line in node.metrics().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
