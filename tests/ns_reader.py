@@ -106,8 +106,11 @@ class NsReader:
         os.makedirs(bind, exist_ok=True)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", sys.executable, "-m", "tests.ns_reader"]
-            + [target, bind, file, "--threads", str(threads)],
+            [
+                *("unshare", "-m", "--propagation", "private"),
+                *(sys.executable, "-m", "tests.ns_reader", target, bind, file),
+                *("--threads", str(threads)),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -1,8 +1,8 @@
 """``python -m tests.slow_daemon daemon ...``: the secretfs command with slow FUSE reads.
 
-A test build for takeover tests: every OPEN and READ waits ``SECRETFS_TEST_READ_DELAY`` seconds (default
-0.2) before it is answered, so a daemon killed at a random moment has reads in flight, read from
-the kernel and not yet answered (the requests FUSE_NOTIFY_RESEND gives to the next generation).
+A test build for takeover tests: every OPEN and READ waits ``SECRETFS_TEST_READ_DELAY`` seconds
+(default 0.2) before it is answered, so a daemon killed at a random moment has reads in flight:
+read from the kernel and not yet answered (what FUSE_NOTIFY_RESEND gives to the next generation).
 """
 
 from __future__ import annotations
