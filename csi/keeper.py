@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,16 @@ class Keeper:
         self.conn: Connection | None = None
         self.lock = threading.Lock()
         self._refused: object = None  # the daemon pid we last said no to
+
+    def alive(self) -> bool:
+        """False once the kernel has aborted our connection (fusectl abort, a forced unmount):
+        a dead connection is not worth handing to anyone."""
+        conn = self.conn
+        if conn is None:
+            return False
+        poller = select.poll()
+        poller.register(conn.fd, select.POLLERR)
+        return not any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in poller.poll(0))
 
     @property
     def generation(self) -> int:

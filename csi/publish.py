@@ -133,16 +133,20 @@ class Node:
                     self._call(lambda: self.keeper.reclaim(root), "take the connection back")
                 return root, status
             if self.keeper.conn is not None:
-                if root is not None and root.device == self.keeper.conn.device:
+                if not self.keeper.alive():
+                    self.keeper.drop("the kernel aborted the FUSE connection")
+                elif root is not None and root.device == self.keeper.conn.device:
                     self._call(
                         lambda: self.keeper.take_over(status), "hand the connection to the daemon"
                     )
                     return root, self.status()
-                self.keeper.drop(f"the node root at {self.mount_root} is gone")
+                else:
+                    self.keeper.drop(f"the node root at {self.mount_root} is gone")
             if root is not None:
                 log.warning(
-                    "detaching the node mount %s: its FUSE connection died with both the daemon "
-                    "and this process; pods that mounted it before must be recreated",
+                    "detaching the node mount %s: its FUSE connection is dead (aborted, or lost "
+                    "with both the daemon and this process); pods that mounted it before must be "
+                    "recreated",
                     self.mount_root,
                 )
                 mounts.unmount_all(self.mount_root)

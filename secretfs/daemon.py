@@ -54,8 +54,11 @@ REQUEST_DEADLINE = 10.0
 # FetchError codes that mean "the backend refused this identity" (PERMISSION_DENIED).
 DENIED_CODES = frozenset({"AccessDenied", "PermissionDenied", "AuthFailed", "Forbidden"})
 # After SIGTERM, requests already being served get this long; what is left unanswered is resent
-# to the next generation by the kernel (Linux 6.9+).
+# to the next generation by the kernel (Linux 6.9+). Without resend an unanswered request would
+# hang its caller, so they get as long as a read may wait for a fetch (READ_DEADLINE, 30 s) within
+# Kubernetes' default grace period.
 TERM_GRACE = 2.0
+TERM_GRACE_NO_RESEND = 25.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class Daemon:
         self.fuse_fd = -1
         self.init = b""
         self.init_reply = b""
+        self.kernel_resend = False
         self._pending: set[str] = set()
 
     # --- connections ---
@@ -256,6 +260,7 @@ class Daemon:
             self.refused = True
             raise ControlError(control.FAILED_PRECONDITION, str(exc)) from None
         self.fuse_fd, self.init, self.init_reply = fd, init, reply
+        self.kernel_resend = kernel.resend
         self.generation = generation
         self.attached = self.serving = True
         resent = False
@@ -321,7 +326,8 @@ class Daemon:
             self.nursery.cancel_scope.cancel()
             return
         pyfuse3.terminate()  # _main() returns once the requests being served are answered
-        self.nursery.cancel_scope.deadline = trio.current_time() + TERM_GRACE
+        grace = TERM_GRACE if self.kernel_resend else TERM_GRACE_NO_RESEND
+        self.nursery.cancel_scope.deadline = trio.current_time() + grace
 
     # --- volumes ---
 

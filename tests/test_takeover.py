@@ -62,6 +62,23 @@ def make_node(
             assert not node.our_mounts(), "mounts left behind"
 
 
+@pytest.fixture
+def fusectl() -> Iterator[Path]:
+    """The kernel's per-connection control files (most distributions mount them at boot)."""
+    from csi import mounts
+    from secretfs import fusewire
+
+    path = Path(fusewire.CONNECTIONS)
+    ours = not any(m.fstype == "fusectl" for m in mounts.read_mountinfo())
+    if ours:
+        mounts.mount("fusectl", str(path), "fusectl", 0, None)
+    try:
+        yield path
+    finally:
+        if ours:
+            mounts.umount(str(path))
+
+
 def published(node: CsiNode, tmp_path: Path, pods: int = 1) -> list[Path]:
     node.start_daemon()
     node.start_csi()
@@ -98,7 +115,7 @@ def generation(node: CsiNode) -> int:
 
 
 def test_kill_9_and_restart_is_a_stall_not_an_error(
-    make_node: Callable[..., CsiNode], tmp_path: Path
+    make_node: Callable[..., CsiNode], tmp_path: Path, fusectl: Path
 ) -> None:
     node = make_node()
     (target,) = published(node, tmp_path)
@@ -116,6 +133,8 @@ def test_kill_9_and_restart_is_a_stall_not_an_error(
     assert not is_mounted(tmp_path / "ctr")
     assert metric(node, "secretfs_takeovers_total") == 1.0
     assert metric(node, "secretfs_takeover_last_stall_seconds") < MAX_STALL
+    assert metric(node, "secretfs_takeover_resends_total") == 1.0
+    assert metric(node, "secretfs_takeover_last_waiting_requests") >= 0
 
 
 def test_kill_9_at_random_moments_with_reads_in_flight(
@@ -229,3 +248,27 @@ def metric(node: CsiNode, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no metric {name}")
+
+
+def test_an_aborted_connection_is_replaced_not_handed_over(
+    make_node: Callable[..., CsiNode], tmp_path: Path, fusectl: Path
+) -> None:
+    from csi import mounts
+    from secretfs import fusewire
+
+    node = make_node()
+    (target,) = published(node, tmp_path)
+    root = mounts.node_root(mounts.read_mountinfo(), node.mount_root)
+    assert root is not None
+    node.kill("daemon")
+    (fusectl / str(fusewire.connection_id(root.device)) / "abort").write_text("1")
+    node.start_daemon()
+    # The keeper sees the connection is dead: a fresh node root, not a takeover of a corpse.
+    assert wait_for(lambda: "the kernel aborted the FUSE connection" in node.log("csi"), 20)
+    with pytest.raises(OSError) as info:
+        (target / NAME).read_text()
+    assert info.value.errno == errno.ENOTCONN
+    pod = Pod("app-0", "7a000000-0000-0000-0000-000000000000")
+    node.unpublish(pod)
+    assert (node.publish(pod) / NAME).read_text() == VALUE
+    assert generation(node) == 1
