@@ -20,6 +20,7 @@ from csi.pb import csi_pb2_grpc
 from csi.publish import Node
 from csi.server import make_server
 from secretfs import control
+from secretfs.hardening import harden
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,19 @@ class CsiOptions:
     metrics_addr: str = ""
     kubeconfig: str | None = None
     takeover_timeout: float = 0.0
+    kubelet_root: str = "/var/lib/kubelet"
+    lock_memory: bool = True
 
 
 def run(opts: CsiOptions) -> int:
+    # This process holds pod tokens and nodePublishSecretRef data: no core dumps, no ptrace, no
+    # swap (where allowed), like the daemon.
+    log.info("process hardening: %s", harden(opts.lock_memory))
     kube_api = Kube(opts.kubeconfig)
     threading.Thread(target=kube_api.warm, name="warm", daemon=True).start()
     client = control.Client(opts.daemon_socket)
     keeper = Keeper(client, opts.takeover_timeout)
-    node = Node(client, kube_api, opts.mount_root, keeper)
+    node = Node(client, kube_api, opts.mount_root, keeper, opts.kubelet_root)
 
     def register(server: object) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(

@@ -71,10 +71,12 @@ class Node:
         kube_api: kube.Kube,
         mount_root: str,
         keeper: Keeper | None = None,
+        kubelet_root: str = "/var/lib/kubelet",
     ) -> None:
         self.client = client
         self.kube = kube_api
         self.mount_root = os.path.abspath(mount_root)
+        self.kubelet_root = kubelet_root
         self.keeper = keeper or Keeper(client)
         self._root_lock = threading.Lock()
         self._busy: set[str] = set()

@@ -111,7 +111,7 @@ class AwsProvider:
         path = str(sel[1])
         try:
             doc = json.loads(value.data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise FetchError(
                 spec.object_name,
                 f"value is not valid JSON, so jmesPath {path!r} (file {spec.path!r}) cannot apply",

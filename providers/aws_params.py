@@ -18,6 +18,7 @@ import jmespath
 import jmespath.exceptions
 import yaml
 
+from providers import limits
 from providers.base import FileSpec, Problem, check_files, check_path, parse_mode
 
 SECRETSMANAGER = "secretsmanager"
@@ -187,7 +188,10 @@ class _Parser:
             self.bad(None, "objects", "required: a YAML list of objects to mount")
             return []
         try:
-            items = yaml.safe_load(raw)
+            items = limits.load_yaml(raw)
+        except limits.LimitError as exc:
+            self.bad(None, "objects", str(exc))
+            return []
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from providers import limits
 from providers.base import Problem, check_path, parse_mode
 
 # Where the Entra ID (AAD) token endpoint is and what Key Vault host names end with, per cloud.
@@ -262,7 +263,10 @@ def load_objects(raw: str, problems: list[Problem]) -> list[dict[str, Any]]:
         problems.append(Problem(None, "objects", "required: an 'array:' of objects to mount"))
         return []
     try:
-        doc = yaml.load(raw, Loader=yaml.BaseLoader)
+        doc = limits.load_yaml(raw, yaml.BaseLoader)
+    except limits.LimitError as exc:
+        problems.append(Problem(None, "objects", str(exc)))
+        return []
     except yaml.YAMLError as exc:
         problems.append(Problem(None, "objects", f"is not valid YAML: {_yaml_where(exc)}"))
         return []
@@ -281,7 +285,10 @@ def load_objects(raw: str, problems: list[Problem]) -> list[dict[str, Any]]:
         where = f"objects[{i}]"
         if isinstance(elem, str):
             try:
-                elem = yaml.load(elem, Loader=yaml.BaseLoader)
+                elem = limits.load_yaml(elem, yaml.BaseLoader)
+            except limits.LimitError as exc:
+                problems.append(Problem(where, "objects", str(exc)))
+                continue
             except yaml.YAMLError as exc:
                 problems.append(Problem(where, "objects", f"is not valid YAML: {_yaml_where(exc)}"))
                 continue
@@ -378,6 +385,9 @@ def _parse_history(value: object, bad: Callable[[str, str], None]) -> int:
         bad("objectVersionHistory", f"{value!r} is not a number of versions")
         return 0
     n = int(value)
+    if n < 0:
+        bad("objectVersionHistory", f"{n} is negative; use a number of versions (0 or 1: current)")
+        return 0
     if n > MAX_HISTORY:
         bad("objectVersionHistory", f"{n} is more than the {MAX_HISTORY} versions supported")
         return 0

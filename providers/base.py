@@ -22,6 +22,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from providers.limits import quote
+
 DEFAULT_MODE = 0o644
 
 # SDK-level timeouts shared by every provider, in seconds. A worker thread stuck in a call cannot be
@@ -43,9 +45,15 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        # Names and messages may quote what a user wrote: escaped and cut (limits.quote).
+        message = self.message if len(self.message) <= 400 else self.message[:400] + "..."
         if self.obj is None:
-            return f"parameter {self.field!r}: {self.message}"
-        return f"object {self.obj!r}: field {self.field!r}: {self.message}"
+            return f"parameter {quote(self.field)}: {message}"
+        return f"object {quote(self.obj)}: field {quote(self.field)}: {message}"
+
+
+# Problems listed in one error message; the rest are counted.
+MAX_PROBLEMS_SHOWN = 10
 
 
 class ParameterError(ValueError):
@@ -53,7 +61,12 @@ class ParameterError(ValueError):
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(problems)
-        super().__init__("; ".join(str(p) for p in self.problems))
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        shown = "; ".join(str(p) for p in self.problems[:MAX_PROBLEMS_SHOWN])
+        more = len(self.problems) - MAX_PROBLEMS_SHOWN
+        return shown + (f"; and {more} more problem(s)" if more > 0 else "")
 
 
 class FetchError(Exception):
@@ -68,7 +81,7 @@ class FetchError(Exception):
         self.obj = obj
         self.transient = transient
         self.code = code
-        super().__init__(f"object {obj!r}: {message}")
+        super().__init__(f"object {quote(obj)}: {message}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,7 @@ class Identity:
             have = ", ".join(sorted(repr(a) for a in self.tokens)) or "none"
             raise FetchError(
                 obj,
-                f"no service-account token for audience {audience!r} (have: {have}); add "
+                f"no service-account token for audience {quote(audience)} (have: {have}); add "
                 f"{{audience: {audience}}} to tokenRequests of the CSIDriver "
                 "secrets-store.csi.k8s.io",
                 transient=False,
@@ -240,17 +253,17 @@ def check_path(path: str, obj: str | None, fld: str) -> list[Problem]:
     if not path:
         bad("file path is empty")
         return problems
-    if "\0" in path:
-        bad("file path contains a NUL byte")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        bad(f"file path {quote(path)} contains a control character (newline, tab, NUL, ...)")
     if path.startswith("/"):
-        bad(f"file path {path!r} must be relative (no leading '/')")
+        bad(f"file path {quote(path)} must be relative (no leading '/')")
     parts = path.split("/")
     if any(p == ".." for p in parts):
-        bad(f"file path {path!r} must not contain a '..' element")
+        bad(f"file path {quote(path)} must not contain a '..' element")
     elif path.startswith(".."):
-        bad(f"file path {path!r} must not start with '..'")
+        bad(f"file path {quote(path)} must not start with '..'")
     if any(p in ("", ".") for p in parts) and not path.startswith("/"):
-        bad(f"file path {path!r} has an empty or '.' element")
+        bad(f"file path {quote(path)} has an empty or '.' element")
     if len(path.encode()) > MAX_PATH:
         bad(f"file path is longer than {MAX_PATH} bytes")
     if any(len(p.encode()) > MAX_PATH_ELEMENT for p in parts):
@@ -274,7 +287,7 @@ def parse_mode(value: object, obj: str | None, fld: str, problems: list[Problem]
         return None
     if isinstance(value, str) and _OCTAL.match(value.strip()):
         return int(value.strip().removeprefix("0o"), 8)
-    problems.append(Problem(obj, fld, f'{value!r} is not an octal mode such as "0640"'))
+    problems.append(Problem(obj, fld, f'{quote(value)} is not an octal mode such as "0640"'))
     return None
 
 
@@ -288,7 +301,7 @@ def check_files(files: Iterable[FileSpec]) -> list[Problem]:
                 Problem(
                     f.object_name,
                     "path",
-                    f"file {f.path!r} is also produced by object {seen[f.path]!r}; "
+                    f"file {quote(f.path)} is also produced by object {quote(seen[f.path])}; "
                     "give one of them a different alias",
                 )
             )
@@ -303,8 +316,8 @@ def check_files(files: Iterable[FileSpec]) -> list[Problem]:
                     Problem(
                         obj,
                         "path",
-                        f"file {path!r} needs directory {prefix!r}, which is a file of object "
-                        f"{seen[prefix]!r}",
+                        f"file {quote(path)} needs directory {quote(prefix)}, which is a file "
+                        f"of object {quote(seen[prefix])}",
                     )
                 )
     return problems

@@ -241,7 +241,7 @@ class TokenBroker:
             return ()
         try:
             names = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             names = None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise FetchError(

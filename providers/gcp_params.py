@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from providers import limits
 from providers.base import (
     FetchError,
     FileSpec,
@@ -161,7 +162,10 @@ def parse_parameters(parameters: Mapping[str, str], default_mode: int) -> Plan:
         problems.append(Problem(None, "secrets", "is required: a YAML list of resourceName items"))
     else:
         try:
-            items = yaml.safe_load(raw)
+            items = limits.load_yaml(raw)
+        except limits.LimitError as exc:
+            problems.append(Problem(None, "secrets", str(exc)))
+            items = None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -190,8 +194,14 @@ def extract(obj: str, select: Extract, payload: bytes) -> bytes:
 
     data: object
     try:
-        data = json.loads(payload) if select.kind == "JSON" else yaml.safe_load(payload)
-    except (ValueError, yaml.YAMLError):
+        data = (
+            json.loads(payload)
+            if select.kind == "JSON"
+            else limits.load_yaml(payload.decode("utf-8"))
+        )
+    except limits.LimitError as exc:
+        raise fail(f"extract{select.kind}Key {select.key!r}: the secret {exc}") from None
+    except (ValueError, RecursionError, yaml.YAMLError):
         # The parser's message can quote the payload, so it is dropped.
         raise fail(
             f"extract{select.kind}Key {select.key!r}: the secret is not valid {select.kind}"

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
 
+from providers import limits
 from providers.base import FileSpec, Problem, check_path, parse_mode
 from providers.vault_json import ENCODINGS
 
@@ -88,9 +89,10 @@ class VaultSelect(NamedTuple):
 # --- YAML the way upstream's yaml.v3 reads it into interface{} ------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1 yes/no/on/off booleans and without timestamps (yaml.v3 keeps
-    both as strings), so secretArgs reach Vault as upstream would send them."""
+class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  # type: ignore[misc]
+    """SafeLoader (libyaml's parser where available) without YAML 1.1 yes/no/on/off booleans
+    and without timestamps (yaml.v3 keeps both as strings), so secretArgs reach Vault as
+    upstream would send them."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -327,7 +329,10 @@ def parse_objects(raw: str | None, default_mode: int, problems: list[Problem]) -
         )
         return []
     try:
-        items = yaml.load(raw, Loader=_Loader)  # a SafeLoader subclass
+        items = limits.load_yaml(raw, _Loader)  # a SafeLoader subclass
+    except limits.LimitError as exc:
+        problems.append(Problem(None, "objects", str(exc)))
+        return []
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

@@ -50,7 +50,7 @@ def loads(body: bytes) -> Any:
     """Parse JSON keeping numbers as :class:`Num` (like Go's ``UseNumber``)."""
     try:
         return json.loads(body, parse_int=Num, parse_float=Num, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadResponse("the response is not valid JSON") from None
 
 

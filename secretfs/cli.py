@@ -112,10 +112,11 @@ def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True
     p.add_argument("--endpoint", default="unix:///csi/csi.sock", help="CSI socket for the kubelet")
     p.add_argument("--nodeid", required=True, help="this node's name (NodeGetInfo)")
     p.add_argument("--drivername", default="secrets-store.csi.k8s.io")
-    if with_daemon_socket:
+    if with_daemon_socket:  # else these come with the daemon's options (secretfs node)
         p.add_argument(
             "--daemon-socket", default="/run/secretfs/daemon.sock", help="the daemon's socket"
         )
+        p.add_argument("--no-mlock", action="store_true", help="do not lock memory against swap")
     p.add_argument(
         "--mount-root",
         default="/run/secretfs/mnt",
@@ -123,6 +124,11 @@ def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True
     )
     p.add_argument("--metrics-addr", default=":8095", help="Prometheus /metrics; empty: off")
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster configuration")
+    p.add_argument(
+        "--kubelet-root",
+        default="/var/lib/kubelet",
+        help="the kubelet's root directory: target paths must lie in its pods/ (/var/lib/kubelet)",
+    )
     p.add_argument(
         "--takeover-timeout",
         type=float,
@@ -251,6 +257,8 @@ def cmd_csi(args: argparse.Namespace) -> int:
             metrics_addr=args.metrics_addr,
             kubeconfig=args.kubeconfig,
             takeover_timeout=args.takeover_timeout,
+            kubelet_root=args.kubelet_root,
+            lock_memory=not args.no_mlock,
         )
     )
 
@@ -272,7 +280,9 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     csi = [*base, "csi", "--endpoint", args.endpoint, "--nodeid", args.nodeid, *logs]
     csi += ["--drivername", args.drivername, "--daemon-socket", args.daemon_socket]
     csi += ["--mount-root", args.mount_root, "--metrics-addr", args.metrics_addr]
-    csi += ["--takeover-timeout", str(args.takeover_timeout)]
+    csi += ["--takeover-timeout", str(args.takeover_timeout), "--kubelet-root", args.kubelet_root]
+    if args.no_mlock:
+        csi.append("--no-mlock")
     if args.kubeconfig:
         csi += ["--kubeconfig", args.kubeconfig]
     return daemon, csi

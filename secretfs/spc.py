@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from providers import UnknownProvider, get_provider
+from providers import UnknownProvider, get_provider, limits
 from providers.base import DEFAULT_MODE, ParameterError, Plan, Problem
 
 GROUP = "secrets-store.csi.x-k8s.io"
@@ -105,8 +105,23 @@ def plan(
     params = dict(spc.parameters)
     if overrides:
         params.update(overrides)
+    # Bounded before any provider parses anything (providers/limits.py).
+    too_big = limits.check_parameters(params)
+    if too_big:
+        raise ParameterError([Problem(None, fld, msg) for fld, msg in too_big])
     try:
         provider = get_provider(spc.provider)
     except UnknownProvider as exc:
         raise ParameterError([Problem(None, "spec.provider", str(exc))]) from None
-    return provider.parse(params, default_mode)
+    result = provider.parse(params, default_mode)
+    if len(result.files) > limits.MAX_FILES:
+        raise ParameterError(
+            [
+                Problem(
+                    None,
+                    "objects",
+                    f"produce {len(result.files)} files; at most {limits.MAX_FILES} per volume",
+                )
+            ]
+        )
+    return result

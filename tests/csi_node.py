@@ -125,6 +125,9 @@ class CsiNode:
             f"127.0.0.1:{self.metrics_port}",
             "--kubeconfig",
             str(self.kubeconfig),
+            "--kubelet-root",
+            str(self.tmp_path),
+            "--no-mlock",
             *self.csi_extra,
         ]
 

@@ -137,6 +137,11 @@ def test_publish_request_extracts_identity_and_attributes() -> None:
         ({"readonly": False}, "readOnly: true"),
         ({"target_path": "relative/path"}, "absolute"),
         ({"volume_id": "a/b"}, "not usable"),
+        ({"volume_id": "x" * 1_000_000}, "not usable"),
+        # Only the kubelet's pods directory, after normalisation.
+        ({"target_path": "/etc/secretfs"}, "not inside the kubelet's pods directory"),
+        ({"target_path": "/var/lib/kubelet/pods/../../../etc"}, "not inside"),
+        ({"target_path": "/var/lib/kubelet/podsX/u/mount"}, "not inside"),
     ],
 )
 def test_publish_request_validation(over: dict[str, object], needle: str) -> None:
@@ -144,6 +149,40 @@ def test_publish_request_validation(over: dict[str, object], needle: str) -> Non
         publish_request(request(**over))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in info.value.message
+    assert len(info.value.message) < 500  # never echoes a huge value whole
+
+
+@pytest.mark.parametrize(
+    ("ctx", "group", "needle"),
+    [
+        ({}, "\u00b2", "not a numeric group id"),  # str.isdigit accepts "²", int() does not
+        ({}, "-1", "not a numeric group id"),
+        ({"secretProviderClass": "x" * 1_000_000}, "", "too large"),
+        ({"secretProviderClass": "Bad\nName"}, "", "not a Kubernetes name"),
+        ({"secretProviderClass": "a" * 300}, "", "not a Kubernetes name"),
+        ({"csi.storage.k8s.io/pod.namespace": "ns\u0000"}, "", "not a Kubernetes name"),
+        ({TOKENS_KEY: "[" * 100_000}, "", "larger than"),
+        ({TOKENS_KEY: "[" * 30_000}, "", "not valid JSON"),  # nesting: RecursionError
+        ({TOKENS_KEY: "1"}, "", "not a map of audience to token"),
+    ],
+)
+def test_publish_request_bounds(ctx: dict[str, str], group: str, needle: str) -> None:
+    req = request()
+    req.volume_context.update(ctx)
+    req.volume_capability.mount.volume_mount_group = group
+    with pytest.raises(CsiError) as info:
+        publish_request(req)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in info.value.message
+    assert len(info.value.message) < 500 and "\n" not in info.value.message
+    assert "\x00" not in info.value.message
+
+
+def test_publish_request_honours_the_kubelet_root() -> None:
+    req = request(target_path="/opt/k/pods/u/volumes/kubernetes.io~csi/v/mount")
+    assert publish_request(req, "/opt/k/").target == req.target_path
+    with pytest.raises(CsiError):
+        publish_request(req)  # not under the default /var/lib/kubelet
 
 
 def test_request_log_redaction() -> None:

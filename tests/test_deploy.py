@@ -267,6 +267,7 @@ def test_csi_daemonset_registration_and_propagation(root: str) -> None:
         "--mount-root": "/run/secretfs/mnt",
         "--metrics-addr": ":8095",
         "--takeover-timeout": "0",
+        "--kubelet-root": root,
         "--log-level": "INFO",
         "--log-format": "json",
     }
