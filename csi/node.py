@@ -76,12 +76,12 @@ def check_target(target_path: str, kubelet_root: str) -> str:
     if not target_path:
         raise invalid("target_path is missing")
     if not os.path.isabs(target_path):
-        raise invalid(f"target_path {limits.quote(target_path)} is not an absolute path")
+        raise invalid(f"target_path {limits.quote(target_path, 300)} is not an absolute path")
     target = os.path.normpath(target_path)
     pods = os.path.join(os.path.normpath(kubelet_root), "pods") + "/"
     if not target.startswith(pods) or "\0" in target:
         raise invalid(
-            f"target_path {limits.quote(target_path)} is not inside the kubelet's pods "
+            f"target_path {limits.quote(target_path, 300)} is not inside the kubelet's pods "
             f"directory {pods} (the csi process's --kubelet-root, chart value kubeletRootDir)"
         )
     return target

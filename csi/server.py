@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from csi import metrics
+from providers.limits import quote
 from secretfs.logs import log_unexpected
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _brief(request: Any) -> str:
     for name in ("volume_id", "target_path"):
         value = getattr(request, name, "")
         if value:
-            parts.append(f"{name}={value}")
+            parts.append(f"{name}={quote(value, 300)}")  # escaped and cut: not yet validated
     return " ".join(parts)
 
 

@@ -163,6 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    args.spc, args.mountpoint = os.path.abspath(args.spc), os.path.abspath(args.mountpoint)
     if not args.foreground:
         return _mount_in_background(args)
     import trio
@@ -195,6 +196,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.dup2(target, 1)
             os.dup2(target, 2)
             os.close(target)
+            os.chdir("/")  # do not keep the caller's directory (and its filesystem) busy
 
     return trio.run(standalone.run, args.spc, args.mountpoint, opts, ready)
 
@@ -223,7 +225,11 @@ def _mount_in_background(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", args.mountpoint] if tool else ["umount", args.mountpoint]
-    return subprocess.call(cmd)
+    if subprocess.call(cmd) == 0:
+        return 0
+    # A mount whose daemon was killed cannot be unmounted normally: detach it.
+    lazy = [tool, "-u", "-z", args.mountpoint] if tool else ["umount", "-l", args.mountpoint]
+    return subprocess.call(lazy)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -146,6 +146,10 @@ class SecretFS(pyfuse3.Operations):
         else:
             a.st_nlink = 1
             a.st_size, mtime = self._size(node)
+            if self._state(node.inode).reported is None:
+                # A size covering an older version still open: do not let the kernel keep it,
+                # so a stat soon after that handle's (asynchronous) RELEASE sees the new size.
+                a.attr_timeout = 0
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = mtime
         return a

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +57,43 @@ def fuse_options(allow_other: bool, fsname: str = "secretfs") -> set[str]:
     return opts
 
 
+def _mount_type(path: str) -> str | None:
+    """The filesystem type mounted at ``path`` (the topmost), from /proc/self/mounts."""
+    found = None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[1].replace("\\040", " ") == path:
+                    found = parts[2]
+    except OSError:
+        pass
+    return found
+
+
 def check_mountpoint(path: str) -> None:
+    path = os.path.abspath(path)
+    kind = _mount_type(path)
+    if kind is not None and kind.startswith("fuse"):
+        try:
+            # statfs always reaches the server (stat may be answered from the kernel's cache).
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise MountError(f"{path}: {exc.strerror}") from None
+            if kind != "fuse.secretfs":
+                raise MountError(
+                    f"{path} is a dead FUSE mount ({kind}) whose server is gone; unmount it "
+                    f"first: fusermount3 -u -z {path}"
+                ) from None
+            # Ours, left by a secretfs daemon that was killed: nothing can use it any more.
+            log.warning("%s: detaching the dead mount of a previous secretfs daemon", path)
+            subprocess.run(["fusermount3", "-u", "-z", path], check=False, capture_output=True)
+            if _mount_type(path) == kind:
+                raise MountError(
+                    f"{path} is a dead secretfs mount and could not be detached; run: "
+                    f"secretfs umount {path}"
+                ) from None
     if not os.path.isdir(path):
         raise MountError(f"mount point {path} does not exist or is not a directory")
     if os.path.ismount(path):
