@@ -19,7 +19,7 @@ import jmespath.exceptions
 import yaml
 
 from providers import limits
-from providers.base import FileSpec, Problem, check_files, check_path, parse_mode
+from providers.base import FileSpec, Problem, check_files, check_path, parse_mode_four_octal
 
 SECRETSMANAGER = "secretsmanager"
 SSMPARAMETER = "ssmparameter"
@@ -271,8 +271,10 @@ class _Parser:
         version = self._str(item, "objectVersion", obj, num_ok=True)
         label = self._str(item, "objectVersionLabel", obj)
         mode = self.default_mode
-        if item.get("filePermission") is not None:
-            perm = parse_mode(item["filePermission"], obj, "filePermission", self.problems)
+        if item.get("filePermission") not in (None, ""):  # upstream: empty means the default
+            perm = parse_mode_four_octal(
+                item["filePermission"], obj, "filePermission", self.problems
+            )
             mode = perm if perm is not None else mode
 
         if name is not None:
@@ -371,8 +373,8 @@ class _Parser:
             if alias is None:
                 self.bad(obj, f"{where}.objectAlias", "required: the file name for this value")
             emode = mode
-            if e.get("filePermission") is not None:
-                perm = parse_mode(
+            if e.get("filePermission") not in (None, ""):
+                perm = parse_mode_four_octal(
                     e["filePermission"], obj, f"{where}.filePermission", self.problems
                 )
                 emode = perm if perm is not None else mode

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from providers import limits
-from providers.base import Problem, check_path, parse_mode
+from providers.base import Problem, check_path, parse_mode_octal_text
 
 # Where the Entra ID (AAD) token endpoint is and what Key Vault host names end with, per cloud.
 # Names as go-autorest's EnvironmentFromName knows them (compared case-insensitively).
@@ -359,7 +359,7 @@ def parse_object(
         bad("objectEncoding", "objectEncoding is only for objectType secret")
     mode = default_mode
     if _text(raw.get("filePermission")):
-        parsed = parse_mode(raw.get("filePermission"), obj, "filePermission", problems)
+        parsed = parse_mode_octal_text(raw.get("filePermission"), obj, "filePermission", problems)
         mode = default_mode if parsed is None else parsed
     file_name = alias or name
     if file_name:

@@ -53,7 +53,7 @@ class Problem:
 
 
 # Problems listed in one error message; the rest are counted.
-MAX_PROBLEMS_SHOWN = 10
+MAX_PROBLEMS_SHOWN = 25
 
 
 class ParameterError(ValueError):
@@ -272,11 +272,16 @@ def check_path(path: str, obj: str | None, fld: str) -> list[Problem]:
 
 
 _OCTAL = re.compile(r"^0?[0-7]{3}$|^0o[0-7]{3}$")
+_OCTAL4 = re.compile(r"^[0-7]{4}$")
+_OCTAL_DIGITS = re.compile(r"^[0-7]{1,4}$")
+_OCTAL_0O = re.compile(r"^0o[0-7]{1,3}$")
+_SPECIAL_BITS = "has set-uid, set-gid or sticky bits; a secret file takes 0000-0777 (e.g. 0640)"
 
 
 def parse_mode(value: object, obj: str | None, fld: str, problems: list[Problem]) -> int | None:
     """A file mode given as an octal string ("0640", "640", "0o640") or a YAML int (decimal 0-511,
-    which is also what YAML makes of an unquoted 0640)."""
+    which is also what YAML makes of an unquoted 0640). Lenient: for test providers; each real
+    provider reads its mode field exactly as its upstream does (the functions below)."""
     if isinstance(value, bool):
         problems.append(Problem(obj, fld, 'must be an octal mode such as "0640"'))
         return None
@@ -289,6 +294,71 @@ def parse_mode(value: object, obj: str | None, fld: str, problems: list[Problem]
         return int(value.strip().removeprefix("0o"), 8)
     problems.append(Problem(obj, fld, f'{quote(value)} is not an octal mode such as "0640"'))
     return None
+
+
+def parse_mode_four_octal(
+    value: object, obj: str | None, fld: str, problems: list[Problem]
+) -> int | None:
+    """AWS's ``filePermission``: a string of exactly four octal digits. Upstream decodes YAML with
+    sigs.k8s.io/yaml, which turns an unquoted number into its decimal text (``0640`` -> "416",
+    ``500`` -> "500") and then refuses it; so do we, saying why."""
+    if isinstance(value, str) and _OCTAL4.match(value):
+        mode = int(value, 8)
+        if mode > 0o777:
+            problems.append(Problem(obj, fld, f"{quote(value)} {_SPECIAL_BITS}"))
+            return None
+        return mode
+    hint = ""
+    shown = quote(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        shown = str(value)
+        hint = (
+            f" (unquoted, YAML reads it as the number {value}, which is not an octal mode; "
+            "quote it)"
+        )
+    problems.append(
+        Problem(obj, fld, f'{shown} must be a quoted four-digit octal mode such as "0640"' + hint)
+    )
+    return None
+
+
+def parse_mode_octal_text(
+    value: object, obj: str | None, fld: str, problems: list[Problem]
+) -> int | None:
+    """Azure's ``filePermission``: the text as written (quoted or not), read as octal digits."""
+    text = str(value).strip()
+    if not _OCTAL_DIGITS.match(text):
+        problems.append(Problem(obj, fld, f'{quote(value)} is not an octal mode such as "0640"'))
+        return None
+    mode = int(text, 8)
+    if mode > 0o777:
+        problems.append(Problem(obj, fld, f"{quote(value)} {_SPECIAL_BITS}"))
+        return None
+    return mode
+
+
+def parse_mode_number(
+    value: object, obj: str | None, fld: str, problems: list[Problem]
+) -> int | None:
+    """GCP's ``mode`` and Vault's ``filePermission``: a YAML number, as upstream's int fields take
+    it: ``0640`` (leading 0) and ``0o640`` are octal, ``416`` is decimal (so ``500`` is 0764, as
+    upstream reads it), a quoted string is refused."""
+    if isinstance(value, str) and _OCTAL_0O.match(value.strip()):
+        value = int(value.strip()[2:], 8)  # yaml.v3 reads 0o640 as a number; PyYAML does not
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(
+            Problem(
+                obj,
+                fld,
+                f"{quote(value)} must be an unquoted number: 0640 (octal, leading 0) or 416 "
+                "(decimal)",
+            )
+        )
+        return None
+    if not 0 <= value <= 0o777:
+        problems.append(Problem(obj, fld, f"mode {value} is outside 0-0777 (0-511 decimal)"))
+        return None
+    return value
 
 
 def check_files(files: Iterable[FileSpec]) -> list[Problem]:

@@ -26,7 +26,7 @@ from providers.base import (
     Problem,
     check_files,
     check_path,
-    parse_mode,
+    parse_mode_number,
 )
 
 AUTH_POD_ADC = "pod-adc"
@@ -127,7 +127,7 @@ def _parse_item(
 
     mode = default_mode
     if item.get("mode") is not None:
-        parsed = parse_mode(item["mode"], obj, "mode", problems)
+        parsed = parse_mode_number(item["mode"], obj, "mode", problems)
         mode = default_mode if parsed is None else parsed
 
     json_key = _text(item, "extractJSONKey", obj, problems)

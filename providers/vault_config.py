@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import yaml
 
 from providers import limits
-from providers.base import FileSpec, Problem, check_path, parse_mode
+from providers.base import FileSpec, Problem, check_path, parse_mode_number
 from providers.vault_json import ENCODINGS
 
 DEFAULT_ADDRESS = "https://127.0.0.1:8200"  # Vault's own client default
@@ -290,7 +290,7 @@ def _object(
     mode = default_mode
     perm = item.get("filePermission")
     if perm not in (None, 0):  # upstream treats 0 as unset
-        parsed = parse_mode(perm, obj, "filePermission", problems)
+        parsed = parse_mode_number(perm, obj, "filePermission", problems)
         bad |= parsed is None
         mode = parsed if parsed is not None else default_mode
     dyn = item.get("dynamic")

@@ -417,12 +417,39 @@ def test_duplicate_files_rejected() -> None:
     assert ("a_b", "path") in fields(probs)
 
 
-def test_yaml_int_permission_and_version() -> None:
-    plan = parse(
-        "- {objectName: p, objectType: ssmparameter, objectVersion: 2, filePermission: 0600}"
-    )
+def test_yaml_int_version() -> None:
+    plan = parse("- {objectName: p, objectType: ssmparameter, objectVersion: 2}")
     (f,) = plan.files
-    assert f.mode == 0o600 and f.source == AwsSource("ssmparameter", Target("p", "2", None), None)
+    assert f.source == AwsSource("ssmparameter", Target("p", "2", None), None)
+
+
+@pytest.mark.parametrize(
+    ("perm", "mode"),
+    [
+        # Upstream (sigs.k8s.io/yaml, then ^[0-7]{4}$ and ParseInt base 8): only a quoted
+        # four-digit octal string is a mode. An unquoted number becomes its decimal text first.
+        ('"0640"', 0o640),
+        ('"0500"', 0o500),
+        ('""', 0o644),  # empty: the default
+        ("500", None),  # upstream: "Invalid File Permission: 500" (never 0764)
+        ("0640", None),  # YAML's octal 416: upstream "Invalid File Permission: 416"
+        ("0o640", None),
+        ('"500"', None),
+        ('"0o640"', None),
+        ("511", None),
+        ("-1", None),
+        ("true", None),
+        ('"1000"', None),  # upstream takes it (sticky bit); a secret file has no use for it
+    ],
+)
+def test_file_permission_as_upstream_reads_it(perm: str, mode: int | None) -> None:
+    text = f"- {{objectName: p, objectType: secretsmanager, filePermission: {perm}}}"
+    if mode is None:
+        with pytest.raises(ParameterError) as info:
+            parse(text)
+        assert "filePermission" in str(info.value) and "0640" in str(info.value)
+    else:
+        assert parse(text).files[0].mode == mode
 
 
 # --- fetching against moto ------------------------------------------------------------------------

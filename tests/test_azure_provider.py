@@ -999,3 +999,28 @@ def test_no_secret_in_errors_reprs_or_logs(kv: KV, caplog: pytest.LogCaptureFixt
     for text in texts:
         for needle in (value, POD_TOKEN, SP_SECRET, *access_tokens):
             assert needle not in text
+
+
+@pytest.mark.parametrize(
+    ("perm", "mode"),
+    [
+        # Upstream: a string field (yaml.v3 keeps the text as written), ParseInt base 8.
+        ("500", 0o500),
+        ('"0640"', 0o640),
+        ("0600", 0o600),
+        ("0o640", None),  # upstream: silently mode 0 (its error is dropped); refused here
+        ("-1", None),  # upstream: int32 -1 passed on; refused here
+        ("true", None),
+        ("1000", None),  # sticky bit: no use on a secret file
+        ("9", None),
+    ],
+)
+def test_file_permission_as_upstream_reads_it(perm: str, mode: int | None) -> None:
+    text = f"array:\n  - |\n    objectName: a\n    objectType: secret\n    filePermission: {perm}\n"
+    prov = AzureProvider(environ={})
+    if mode is None:
+        with pytest.raises(ParameterError) as info:
+            prov.parse(params(cloudName=None, objects=text))
+        assert "filePermission" in str(info.value)
+    else:
+        assert prov.parse(params(cloudName=None, objects=text)).files[0].mode == mode

@@ -126,13 +126,25 @@ def test_parse_defaults() -> None:
         ("fileName: other", "db", 0o644),  # path wins over fileName, as upstream
         ("mode: 0400", "db", 0o400),  # YAML octal int
         ("mode: 256", "db", 0o400),  # decimal, as upstream's int32
-        ("mode: '0440'", "db", 0o440),
-        ("mode: '0o600'", "db", 0o600),
+        ("mode: 500", "db", 0o764),  # decimal too: upstream reads it so (documented there)
+        ("mode: 0o600", "db", 0o600),
+        ("mode: 0", "db", 0),
     ],
 )
 def test_parse_path_and_mode(extra: str, path: str, mode: int) -> None:
     plan = GcpProvider(GcpSettings()).parse(secrets_param(item(f"{DB}/versions/1", "db", extra)))
     assert (plan.files[0].path, plan.files[0].mode) == (path, mode)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    # Upstream's *int32 (yaml.v3) refuses a quoted string; -1 and 777 it takes as garbage modes.
+    ["mode: '0440'", "mode: '500'", "mode: ''", "mode: true", "mode: -1", "mode: 777"],
+)
+def test_parse_refuses_modes_upstream_cannot_mean(extra: str) -> None:
+    with pytest.raises(ParameterError) as info:
+        GcpProvider(GcpSettings()).parse(secrets_param(item(f"{DB}/versions/1", "db", extra)))
+    assert "mode" in str(info.value)
 
 
 def test_parse_file_name_and_auth_and_extract() -> None:

@@ -326,13 +326,23 @@ def test_file_permission_forms() -> None:
             "objects": """
 - {objectName: a, secretPath: s/a, filePermission: 0640}
 - {objectName: b, secretPath: s/b, filePermission: 416}
-- {objectName: c, secretPath: s/c, filePermission: "0400"}
+- {objectName: c, secretPath: s/c, filePermission: 0o400}
 - {objectName: d, secretPath: s/d, filePermission: 0}
+- {objectName: e, secretPath: s/e, filePermission: 500}
 """
         },
         default_mode=0o644,
     )
-    assert [f.mode for f in plan.files] == [0o640, 0o640, 0o400, 0o644]
+    # As upstream's os.FileMode through yaml.v3: 500 is decimal (0764), 0 means the default.
+    assert [f.mode for f in plan.files] == [0o640, 0o640, 0o400, 0o644, 0o764]
+
+
+@pytest.mark.parametrize("perm", ['"0400"', '"500"', "-1", "true", '""', "1000"])
+def test_file_permissions_upstream_refuses(perm: str) -> None:
+    objects = f"- {{objectName: a, secretPath: s/a, filePermission: {perm}}}\n"
+    with pytest.raises(ParameterError) as info:
+        VaultProvider().parse({"objects": objects})
+    assert "filePermission" in str(info.value)
 
 
 # --- reading --------------------------------------------------------------------------------------
