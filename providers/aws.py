@@ -82,6 +82,9 @@ class AwsProvider:
             raise ParameterError(problems)
         return Plan(self.name, tuple(files), auth)
 
+    def release_identity(self, identity_key: Hashable) -> None:
+        self._clients.forget_identity(identity_key)
+
     def fetch_sync(
         self, plan: Plan, identity: Identity, sources: Sequence[Hashable]
     ) -> Mapping[Hashable, Fetched | FetchError]:

@@ -145,6 +145,16 @@ class ClientCache:
                 self._clients[key] = cli
             return cli
 
+    def forget_identity(self, identity_key: Hashable) -> int:
+        """Drop the credentials of an identity and the clients built on them; how many."""
+        with self._lock:
+            gone = [k for k in self._creds if isinstance(k, tuple) and k[0] == identity_key]
+            creds = {self._creds.pop(k) for k in gone}
+            clients = [k for k in self._clients if isinstance(k, tuple) and k[2] in creds]
+            for k in clients:
+                self._clients.pop(k, None)
+        return len(gone) + len(clients)
+
     def credentials(self, auth: AwsAuth, identity: Identity, region: str, obj: str) -> Creds | None:
         """Credentials for ``identity`` in ``region``; None means the ambient default chain.
 

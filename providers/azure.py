@@ -100,6 +100,7 @@ class AzureProvider:
         # credential must not outlive the pod token it holds as its assertion (the kubelet's are
         # valid for an hour at least), so it never asks Entra ID with a stale one.
         self._sessions: TTLCache[tuple[AzureAuth, str], Clients] = TTLCache(maxsize=64, ttl=1800)
+        self._by_identity: dict[Hashable, set[tuple[AzureAuth, str]]] = {}
         self._lock = threading.Lock()
 
     # --- parse ------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class AzureProvider:
         srcs = [s for s in sources if isinstance(s, Source)]
         try:
             material = material_for(auth, identity, self.settings)
-            clients = self._clients(auth, material)
+            clients = self._clients(auth, material, identity.key())
         except AuthFailure as exc:
             return {s: _error(s, exc.message, exc.code, exc.transient) for s in srcs}
         results: dict[Hashable, Fetched | FetchError] = {}
@@ -177,14 +178,20 @@ class AzureProvider:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _clients(self, auth: AzureAuth, material: Material) -> Clients:
+    def _clients(self, auth: AzureAuth, material: Material, identity_key: Hashable) -> Clients:
         key = (auth, material.digest)
         with self._lock:
             clients = self._sessions.get(key)
             if clients is None:
                 clients = build_clients(auth, material, self.settings)
                 self._sessions[key] = clients
+            self._by_identity.setdefault(identity_key, set()).add(key)
             return clients
+
+    def release_identity(self, identity_key: Hashable) -> None:
+        with self._lock:
+            for key in self._by_identity.pop(identity_key, ()):
+                self._sessions.pop(key, None)
 
     def _history(self, clients: Clients, src: Source) -> list[str]:
         """Enabled version ids, newest first, starting at ``src.version`` when given."""

@@ -228,6 +228,14 @@ class Provider(Protocol):
         ...
 
 
+class IdentityReleaser(Protocol):
+    """Optional extra of a provider that caches per identity (credentials, clients, tokens):
+    the daemon calls it, in a worker thread, when the last volume of an identity goes, so memory
+    follows what is mounted. ``identity_key`` is :meth:`Identity.key`."""
+
+    def release_identity(self, identity_key: Hashable) -> None: ...
+
+
 class LeaseManager(Protocol):
     """Optional extra of a provider whose dynamic sources carry leases (see :class:`Lease`).
 

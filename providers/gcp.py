@@ -50,6 +50,9 @@ class GcpProvider:
         self.broker = TokenBroker(self.settings, clock)
         self.clients = SecretClients(self.settings)
 
+    def release_identity(self, identity_key: Hashable) -> None:
+        self.broker.forget_identity(identity_key)
+
     def close(self) -> None:
         """Close the gRPC channels and HTTP connections (daemon shutdown, tests)."""
         self.clients.close()

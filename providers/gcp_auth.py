@@ -160,6 +160,11 @@ class TokenBroker:
     def close(self) -> None:
         self._session.close()
 
+    def forget_identity(self, identity_key: Hashable) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == identity_key]:
+                self._cache.pop(key, None)
+
     def forget(self, key: Hashable | None) -> None:
         """Drop a cached token the backend refused (revoked, or its binding removed)."""
         if key is not None:

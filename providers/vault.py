@@ -100,6 +100,9 @@ class VaultProvider:
         self._lock = threading.Lock()
         self._held: dict[str, _Held] = {}
 
+    def release_identity(self, identity_key: Hashable) -> None:
+        self.tokens.forget_identity(identity_key)
+
     # --- parameters -------------------------------------------------------------------------------
 
     def parse(self, parameters: Mapping[str, str], default_mode: int = DEFAULT_MODE) -> Plan:

@@ -255,6 +255,11 @@ class Tokens:
                 self._prune()
         return Login(token, retry_on_403=False, scrub=(token, jwt))
 
+    def forget_identity(self, identity_key: Hashable) -> None:
+        with self._mutex:
+            for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == identity_key]:
+                self._cache.pop(key, None)
+
     def forget(self, auth: VaultAuth, identity: Identity) -> None:
         with self._mutex:
             self._cache.pop((identity.key(), auth), None)

@@ -175,7 +175,23 @@ class Volumes:
         self.cache.release(vol.keys.values())
         if self.revoke_leases and vol.leases:
             await self._revoke(vol)
+        await self._release_identity(vol)
         return True
+
+    async def _release_identity(self, vol: Volume) -> None:
+        """The last volume of an identity is gone: its credentials and clients go too."""
+        release = getattr(vol.provider, "release_identity", None)
+        key = vol.identity.key()
+        if release is None or any(
+            v.provider is vol.provider and v.identity.key() == key for v in self.volumes.values()
+        ):
+            return
+        try:
+            # Provider locks may be held by a fetch for a moment: not on the trio thread.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(release, key)
+        except Exception:
+            log_unexpected(log, "provider %s: releasing an identity failed", vol.provider.name)
 
     # --- content ------------------------------------------------------------------------------
 

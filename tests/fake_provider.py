@@ -40,6 +40,7 @@ class FakeProvider:
         self.identities: list[Identity] = []
         self.lock = threading.Lock()
         self.gate: threading.Event | None = None  # when set, fetches wait for it
+        self.released: list[Hashable] = []  # identity keys release_identity was called with
 
     def set(self, name: str, value: bytes) -> None:
         with self.lock:
@@ -82,6 +83,9 @@ class FakeProvider:
                 else:
                     out[src] = Fetched(self.values[name], f"v{self.versions[name]}")
         return out
+
+    def release_identity(self, identity_key: Hashable) -> None:
+        self.released.append(identity_key)
 
     def render(self, spec: FileSpec, value: Fetched) -> bytes:
         return value.data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -871,6 +872,28 @@ def test_irsa_assume_role_with_web_identity(
     now[0] = sm_creds[0].expires - 200
     mount(p, params, ident)
     assert [s for s, _, _ in seen].count("sts") == 2
+
+
+def test_release_identity_drops_its_credentials_and_clients(
+    aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory follows what is mounted: when the last volume of an identity goes, the daemon
+    # releases it, and its STS credentials and the clients built on them go with it.
+    client(aws_env, "secretsmanager").create_secret(Name="s", SecretString="v")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    p = AwsProvider()
+    params = {"objects": objects({"objectName": "s", "objectType": "secretsmanager"})}
+    one = pod({"sts.amazonaws.com": JWT}, {aws_auth.IRSA_ROLE_ANNOTATION: ROLE})
+    two = dataclasses.replace(one, service_account="other-sa")
+    assert mount(p, params, one) == {"s": b"v"} and mount(p, params, two) == {"s": b"v"}
+    cache = p._clients
+    assert len(cache._creds) == 2 and len(cache._clients) == 3  # sts + one per identity
+    p.release_identity(one.key())
+    assert len(cache._creds) == 1 and len(cache._clients) == 2
+    assert next(iter(cache._creds))[0] == two.key()
+    p.release_identity(one.key())  # twice: nothing left to drop
+    assert mount(p, params, one) == {"s": b"v"}  # and it can come back
 
 
 def test_irsa_missing_token(aws_env: dict[str, str]) -> None:

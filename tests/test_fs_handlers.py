@@ -347,3 +347,25 @@ async def test_a_restored_volume_keeps_its_inodes_and_fetches_on_first_use(
         new = await second.add("new", plan, AMBIENT, uid=0, gid=0)
         assert min(new.inodes.values()) >= high
         n.cancel_scope.cancel()
+
+
+async def test_an_identity_is_released_with_its_last_volume(fake: FakeProvider) -> None:
+    import dataclasses
+
+    async with trio.open_nursery() as n:
+        vols = Volumes(ttl=10, max_stale=100)
+        vols.start(n)
+        plan = fake.parse({"objects": OBJECTS})
+        pod = dataclasses.replace(AMBIENT, namespace="ns", service_account="a")
+        other = dataclasses.replace(pod, service_account="b")
+        await vols.add("a1", plan, pod, uid=0, gid=0)
+        await vols.add("a2", plan, pod, uid=0, gid=0)
+        await vols.add("b1", plan, other, uid=0, gid=0)
+        await vols.remove("a1")
+        assert fake.released == []  # a2 still uses that identity
+        await vols.remove("a2")
+        assert fake.released == [pod.key()]
+        await vols.remove("b1")
+        assert fake.released == [pod.key(), other.key()]
+        assert not vols.cache._static  # and no value is left in memory
+        n.cancel_scope.cancel()
