@@ -116,7 +116,11 @@ def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True
         p.add_argument(
             "--daemon-socket", default="/run/secretfs/daemon.sock", help="the daemon's socket"
         )
-        p.add_argument("--no-mlock", action="store_true", help="do not lock memory against swap")
+        p.add_argument(
+            "--lock-memory",
+            action="store_true",
+            help="lock this process's memory against swap (costs ~70 MiB resident)",
+        )
     p.add_argument(
         "--mount-root",
         default="/run/secretfs/mnt",
@@ -264,7 +268,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
             kubeconfig=args.kubeconfig,
             takeover_timeout=args.takeover_timeout,
             kubelet_root=args.kubelet_root,
-            lock_memory=not args.no_mlock,
+            lock_memory=getattr(args, "lock_memory", False),
         )
     )
 
@@ -287,8 +291,6 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     csi += ["--drivername", args.drivername, "--daemon-socket", args.daemon_socket]
     csi += ["--mount-root", args.mount_root, "--metrics-addr", args.metrics_addr]
     csi += ["--takeover-timeout", str(args.takeover_timeout), "--kubelet-root", args.kubelet_root]
-    if args.no_mlock:
-        csi.append("--no-mlock")
     if args.kubeconfig:
         csi += ["--kubeconfig", args.kubeconfig]
     return daemon, csi

@@ -75,6 +75,7 @@ class CsiNode:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_port: int = field(default_factory=free_port)
     daemon_module: str = "secretfs"  # tests.slow_daemon: the daemon with slow reads
+    lock_memory: bool = False  # the daemon's mlockall (the chart's default; benches use it)
     csi_extra: tuple[str, ...] = ()
     _channel: grpc.Channel | None = None
 
@@ -109,7 +110,8 @@ class CsiNode:
         return proc
 
     def daemon_args(self) -> list[str]:
-        return ["--socket", self.daemon_socket, "--ttl", str(self.ttl), "--no-mlock"]
+        lock = [] if self.lock_memory else ["--no-mlock"]
+        return ["--socket", self.daemon_socket, "--ttl", str(self.ttl), *lock]
 
     def csi_args(self) -> list[str]:
         return [
@@ -127,7 +129,6 @@ class CsiNode:
             str(self.kubeconfig),
             "--kubelet-root",
             str(self.tmp_path),
-            "--no-mlock",
             *self.csi_extra,
         ]
 

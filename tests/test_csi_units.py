@@ -185,6 +185,14 @@ def test_publish_request_honours_the_kubelet_root() -> None:
         publish_request(req)  # not under the default /var/lib/kubelet
 
 
+def test_request_log_line_quotes_and_cuts_ids() -> None:
+    from csi.server import _brief
+
+    line = _brief(request(volume_id="a\x00b\nc" + "x" * 10_000))
+    assert "\x00" not in line and "\n" not in line and len(line) < 1000
+    assert "\\x00" in line and "10005 characters" in line
+
+
 def test_request_log_redaction() -> None:
     req = request()
     req.secrets[TOKENS_KEY] = "in-secrets-token"

@@ -324,9 +324,24 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
     try:
         assert res.returncode == 0, res.stderr
         assert (tmp_path / "mnt" / "MyDatabasePassword").read_bytes() == b"bg"
+        # The background daemon (relative paths given) keeps no directory of the caller busy.
+        pids = [
+            p
+            for p in os.listdir("/proc")
+            if p.isdigit() and "mount spc.yaml mnt" in _cmdline(p) and "--detach" in _cmdline(p)
+        ]
+        assert len(pids) == 1
+        assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
     assert wait_for(lambda: not is_mounted(tmp_path / "mnt"))
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_secret_values_never_reach_the_log(aws_env: dict[str, str], tmp_path: Path) -> None:

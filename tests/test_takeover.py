@@ -119,6 +119,12 @@ def test_kill_9_and_restart_is_a_stall_not_an_error(
 ) -> None:
     node = make_node()
     (target,) = published(node, tmp_path)
+    # The keeper holds tokens and the connection: hardened like the daemon (no core dumps).
+    limits = Path(f"/proc/{node.procs['csi'].pid}/limits").read_text()
+    assert any(
+        line.startswith("Max core file size") and line.split()[4] == "0"
+        for line in limits.splitlines()
+    )
     r = reader(tmp_path, target)
     try:
         time.sleep(0.3)
