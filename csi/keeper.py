@@ -148,6 +148,9 @@ class Keeper:
             except control.Unreachable:
                 raise
             except ControlError as exc:
+                if exc.code == control.ALREADY_EXISTS:  # restored by an attempt that failed later
+                    restored.append(vid)
+                    continue
                 # This generation cannot parse what an earlier one accepted (an upgrade that is
                 # stricter): the volume's files answer ENOENT; every other volume carries on.
                 log.error("volume %s could not be restored: %s", vid, exc.message)

@@ -97,6 +97,14 @@ async def test_operations_over_the_socket(
     ident["tokens"] = {"sts.amazonaws.com": {"token": "a.b.c"}}
     answer = await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30))
     assert answer["existing"] is False and answer["files"] == 1
+    # What the keeper records: the inode of every path, and the high-water mark.
+    assert set(answer["inodes"]) == {"", "db"} and answer["next_inode"] > max(
+        answer["inodes"].values()
+    )
+    exported = await call(lambda: client.export("vol-1"))
+    assert exported["inodes"] == answer["inodes"]
+    assert exported["record"]["identity"]["tokens"] == ident["tokens"]
+    assert exported["record"]["spc"] == spc
     assert (await call(lambda: client.add("vol-1", spc, {}, ident, 0, 30)))["existing"] is True
     other = {**ident, "service_account": "other"}
     with pytest.raises(ControlError) as info:
@@ -108,6 +116,16 @@ async def test_operations_over_the_socket(
     assert info.value.code == control.INVALID_ARGUMENT and "objectName" in info.value.message
     refreshed = await call(lambda: client.refresh("vol-1", {"sts.amazonaws.com": {"token": "n"}}))
     assert refreshed == {"ok": True, "tokens": 1, "provider": "aws"}
+    # A restarted keeper gets the fresh token back, not the one of the first publish.
+    exported = await call(lambda: client.export("vol-1"))
+    assert exported["record"]["identity"]["tokens"] == {"sts.amazonaws.com": {"token": "n"}}
+    # Hand-over operations out of order are refused, and say why.
+    with pytest.raises(ControlError) as info:
+        await call(lambda: client.restore("vol-2", exported["record"], {}, 100))
+    assert info.value.code == control.FAILED_PRECONDITION and "before attach" in info.value.message
+    with pytest.raises(ControlError) as info:
+        await call(client.handback)
+    assert info.value.code == control.FAILED_PRECONDITION
     with pytest.raises(ControlError) as info:
         await call(lambda: client.refresh("vol-9", {}))
     assert info.value.code == control.NOT_FOUND
