@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
-
+from bench.common import REGION, backends, needs_root  # noqa: E402
 from tests.csi_node import ROLE_ANNOTATION, CsiNode, Pod, role_arn  # noqa: E402
 from tests.kube_server import KubeServer  # noqa: E402
-from tests.moto_server import FAKE_KEYS, REGION, start_moto  # noqa: E402
 
 OBJECTS = 10
 
@@ -99,30 +95,22 @@ def main() -> int:
     ap.add_argument("--volumes", type=int, default=1000)
     ap.add_argument("--no-lock", action="store_true", help="run the daemon with --no-mlock")
     args = ap.parse_args()
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
+    if needs_root():
         return 2
-    kube = KubeServer()
-    tmp = Path(tempfile.mkdtemp(prefix="sfs-bench-"))
     results = {}
-    try:
-        with start_moto() as url:
-            os.environ.update(FAKE_KEYS, AWS_ENDPOINT_URL=url, AWS_REGION=REGION)
-            os.environ.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-            sm = boto3.client("secretsmanager", region_name=REGION, endpoint_url=url)
-            for i in range(OBJECTS):
-                sm.create_secret(Name=f"mem/secret-{i}", SecretString=os.urandom(512).hex())
-            kube.add_spc("default", spc())
-            kube.add_service_account("default", "shared", {ROLE_ANNOTATION: role_arn("shared")})
-            for i in range(args.volumes):
-                kube.add_service_account("default", f"sa-{i}", {ROLE_ANNOTATION: role_arn(f"r{i}")})
-            for distinct in (False, True):
-                case = tmp / ("distinct" if distinct else "one")
-                case.mkdir()
-                results[distinct] = run_case(kube, case, args.volumes, distinct, not args.no_lock)
-    finally:
-        kube.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with backends() as env:
+        sm = env.secretsmanager()
+        for i in range(OBJECTS):
+            sm.create_secret(Name=f"mem/secret-{i}", SecretString=os.urandom(512).hex())
+        kube = env.kube
+        kube.add_spc("default", spc())
+        kube.add_service_account("default", "shared", {ROLE_ANNOTATION: role_arn("shared")})
+        for i in range(args.volumes):
+            kube.add_service_account("default", f"sa-{i}", {ROLE_ANNOTATION: role_arn(f"r{i}")})
+        for distinct in (False, True):
+            case = env.tmp / ("distinct" if distinct else "one")
+            case.mkdir()
+            results[distinct] = run_case(kube, case, args.volumes, distinct, not args.no_lock)
     lock = "unlocked (--no-mlock)" if args.no_lock else "locked (mlockall)"
     print(f"Daemon memory, CSI mode, {OBJECTS} objects x 1 KiB per volume, daemon memory {lock}\n")
     print("| identities | moment | daemon VmRSS MiB | daemon VmLck MiB | csi VmRSS MiB |")

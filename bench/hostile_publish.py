@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,14 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
 import grpc  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.common import REGION, backends, needs_root, pct  # noqa: E402
 from providers import limits  # noqa: E402
 from tests.csi_node import ROLE_ANNOTATION, CsiNode, Pod, role_arn  # noqa: E402
-from tests.kube_server import KubeServer  # noqa: E402
-from tests.moto_server import FAKE_KEYS, REGION, start_moto  # noqa: E402
 
 NAME = "MyDatabasePassword"
 
@@ -66,11 +62,6 @@ def spc(name: str, objects: str) -> dict[str, object]:
         "metadata": {"name": name},
         "spec": {"provider": "aws", "parameters": {"objects": objects, "region": REGION}},
     }
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
 def rss(pid: int) -> int:
@@ -109,26 +100,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10, help="hostile publishes per attack (10)")
     args = ap.parse_args()
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
+    if needs_root():
         return 2
-    kube = KubeServer()
-    tmp = Path(tempfile.mkdtemp(prefix="sfs-bench-"))
     node: CsiNode | None = None
     rows = []
-    try:
-        with start_moto() as url:
-            os.environ.update(FAKE_KEYS, AWS_ENDPOINT_URL=url, AWS_REGION=REGION)
-            os.environ.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-            boto3.client("secretsmanager", region_name=REGION, endpoint_url=url).create_secret(
-                Name=NAME, SecretString="good-value"
-            )
+    with backends() as env:
+        try:
+            env.secretsmanager().create_secret(Name=NAME, SecretString="good-value")
+            kube = env.kube
             kube.add_spc("default", yaml.safe_load((ROOT / "examples/aws-seed.yaml").read_text()))
             kube.add_spc("default", spc("bomb", bomb()))
             kube.add_spc("default", spc("big", big(limits.MAX_PARAMETER_BYTES - 4096)))
             kube.add_spc("default", spc("huge", big(limits.MAX_PARAMETER_BYTES + 4096)))
             kube.add_service_account("default", "app", {ROLE_ANNOTATION: role_arn("app")})
-            node = CsiNode(tmp, kube.kubeconfig(tmp / "kubeconfig"), log_level="WARNING")
+            node = CsiNode(env.tmp, kube.kubeconfig(env.tmp / "kubeconfig"), log_level="WARNING")
             node.lock_memory = True
             node.start_daemon()
             node.start_csi()
@@ -162,11 +147,9 @@ def main() -> int:
                 )
             reader.stop.set()
             errors = reader.errors
-    finally:
-        if node is not None:
-            node.close()
-        kube.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if node is not None:
+                node.close()
     print(f"Hostile publishes ({args.n} each) while a good volume is read in a loop\n")
     print(
         "| attack | answer | refused in p50 ms | max ms | good reads p50 ms | p99 ms | max ms "

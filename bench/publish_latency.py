@@ -17,11 +17,8 @@ Each measured publish is followed by an (untimed) unpublish. Needs root and /dev
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
-
+from bench.common import backends, needs_root, pct  # noqa: E402
 from tests.csi_node import ROLE_ANNOTATION, CsiNode, Pod, role_arn  # noqa: E402
-from tests.kube_server import KubeServer  # noqa: E402
-from tests.moto_server import FAKE_KEYS, REGION, start_moto  # noqa: E402
 
 
 def spc(objects: int) -> dict[str, object]:
@@ -56,34 +50,27 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="publishes per case (200)")
     ap.add_argument("--objects", type=int, default=1, help="objects in the SecretProviderClass")
     args = ap.parse_args()
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
+    if needs_root():
         return 2
-    kube = KubeServer()
-    tmp = Path(tempfile.mkdtemp(prefix="sfs-bench-"))
     node: CsiNode | None = None
-    try:
-        with start_moto() as url:
-            os.environ.update(FAKE_KEYS, AWS_ENDPOINT_URL=url, AWS_REGION=REGION)
-            os.environ.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-            sm = boto3.client("secretsmanager", region_name=REGION, endpoint_url=url)
+    with backends() as env:
+        try:
+            sm = env.secretsmanager()
+            kube = env.kube
             for i in range(args.objects):
                 sm.create_secret(Name=f"bench/secret-{i}", SecretString=f"value-{i}" * 8)
             kube.add_spc("default", spc(args.objects))
             kube.add_service_account("default", "warm", {ROLE_ANNOTATION: role_arn("warm")})
             for i in range(args.n):
                 kube.add_service_account("default", f"sa-{i}", {ROLE_ANNOTATION: role_arn("c")})
-            node = CsiNode(tmp, kube.kubeconfig(tmp / "kubeconfig"), ttl=3600, log_level="INFO")
+            node = CsiNode(
+                env.tmp, kube.kubeconfig(env.tmp / "kubeconfig"), ttl=3600, log_level="INFO"
+            )
             node.start_pair()
             results: dict[str, list[float]] = {"cold": [], "warm": [], "republish": []}
 
@@ -105,11 +92,9 @@ def main() -> int:
                 run("warm", Pod(f"warm-{i}", f"w-{i + 1}", service_account="warm"))
                 run("republish", Pod(f"rep-{i}", f"r-{i}", service_account="warm"), True)
             node.unpublish(holder)
-    finally:
-        if node is not None:
-            node.close()
-        kube.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if node is not None:
+                node.close()
     print(f"NodePublishVolume latency, {args.objects} object(s), n={args.n} per case\n")
     print("| case | p50 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|")

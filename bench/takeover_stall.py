@@ -17,33 +17,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.common import backends, needs_root, pct  # noqa: E402
 from secretfs import control  # noqa: E402
 from tests.csi_node import ROLE_ANNOTATION, CsiNode, Pod, role_arn  # noqa: E402
-from tests.kube_server import KubeServer  # noqa: E402
-from tests.moto_server import FAKE_KEYS, REGION, start_moto  # noqa: E402
 from tests.mounting import wait_for  # noqa: E402
 from tests.ns_reader import NsReader  # noqa: E402
 
 NAME = "MyDatabasePassword"
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
 def generation(node: CsiNode) -> int:
@@ -95,33 +86,25 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=20, help="takeovers per reader count (20)")
     ap.add_argument("--readers", type=int, nargs="+", default=[1, 16])
     args = ap.parse_args()
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        print("needs root and /dev/fuse", file=sys.stderr)
+    if needs_root():
         return 2
-    kube = KubeServer()
-    tmp = Path(tempfile.mkdtemp(prefix="sfs-bench-"))
     node: CsiNode | None = None
     results = {}
-    try:
-        with start_moto() as url:
-            os.environ.update(FAKE_KEYS, AWS_ENDPOINT_URL=url, AWS_REGION=REGION)
-            os.environ.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-            boto3.client("secretsmanager", region_name=REGION, endpoint_url=url).create_secret(
-                Name=NAME, SecretString="bench-value"
-            )
-            kube.add_spc("default", yaml.safe_load((ROOT / "examples/aws-seed.yaml").read_text()))
-            kube.add_service_account("default", "app", {ROLE_ANNOTATION: role_arn("app")})
-            node = CsiNode(tmp, kube.kubeconfig(tmp / "kubeconfig"), log_level="INFO")
+    with backends() as env:
+        try:
+            env.secretsmanager().create_secret(Name=NAME, SecretString="bench-value")
+            seed = yaml.safe_load((ROOT / "examples/aws-seed.yaml").read_text())
+            env.kube.add_spc("default", seed)
+            env.kube.add_service_account("default", "app", {ROLE_ANNOTATION: role_arn("app")})
+            node = CsiNode(env.tmp, env.kube.kubeconfig(env.tmp / "kubeconfig"), log_level="INFO")
             node.start_daemon()
             node.start_csi()
             target = node.publish(Pod("app-0", "b0000000-0000-0000-0000-000000000000"))
             for readers in args.readers:
-                results[readers] = run(node, target, tmp, readers, args.n)
-    finally:
-        if node is not None:
-            node.close()
-        kube.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+                results[readers] = run(node, target, env.tmp, readers, args.n)
+        finally:
+            if node is not None:
+                node.close()
     print(f"Read stall across `kill -9` + restart of the daemon, {args.n} takeovers per row\n")
     print(
         "| readers | reads | errors | stall p50 s | p90 s | max s | keeper p50 s | keeper max s |"
