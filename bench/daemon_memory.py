@@ -3,7 +3,8 @@
 Runs the daemon (memory locked, as the chart's default) and the csi process, a moto server
 (Secrets Manager + STS) and the test Kubernetes API server; publishes N pod volumes of a
 SecretProviderClass with 10 objects of 1 KiB through the real CSI socket, reads every file once,
-then unpublishes them all. Two cases, each in fresh processes:
+then unpublishes them all, and does that ``--rounds`` times with new pods. Two cases, each in
+fresh processes:
 
 - one identity: every pod uses the same service account (values are shared);
 - distinct identities: every pod has its own service account and IAM role (its own STS
@@ -57,7 +58,7 @@ def status(pid: int) -> dict[str, int]:
 
 
 def run_case(
-    kube: KubeServer, tmp: Path, volumes: int, distinct: bool, lock: bool
+    kube: KubeServer, tmp: Path, volumes: int, distinct: bool, lock: bool, rounds: int
 ) -> list[tuple[str, dict[str, int], dict[str, int]]]:
     node = CsiNode(tmp, kube.kubeconfig(tmp / "kubeconfig"), ttl=3600, log_level="WARNING")
     node.lock_memory = lock
@@ -68,23 +69,25 @@ def run_case(
         daemon, csi = node.procs["daemon"].pid, node.procs["csi"].pid
         time.sleep(1)
         rows.append(("started", status(daemon), status(csi)))
-        pods = [
-            Pod(
-                f"p-{i}",
-                f"{'d' if distinct else 's'}-{i}",
-                service_account=f"sa-{i}" if distinct else "shared",
-            )
-            for i in range(volumes)
-        ]
-        for pod in pods:
-            target = node.publish(pod, "mem")
-            for i in range(OBJECTS):
-                (target / f"secret-{i}").read_bytes()
-        rows.append((f"{volumes} volumes mounted", status(daemon), status(csi)))
-        for pod in pods:
-            node.unpublish(pod)
-        time.sleep(1)
-        rows.append(("all unpublished", status(daemon), status(csi)))
+        for r in range(rounds):
+            # Each round brings new pods (and, with distinct identities, new identities).
+            pods = [
+                Pod(
+                    f"p-{i}",
+                    f"{'d' if distinct else 's'}{r}-{i}",
+                    service_account=f"sa-{r}-{i}" if distinct else "shared",
+                )
+                for i in range(volumes)
+            ]
+            for pod in pods:
+                target = node.publish(pod, "mem")
+                for i in range(OBJECTS):
+                    (target / f"secret-{i}").read_bytes()
+            rows.append((f"round {r + 1}: {volumes} mounted", status(daemon), status(csi)))
+            for pod in pods:
+                node.unpublish(pod)
+            time.sleep(3)  # the daemon returns freed memory once removals pause
+            rows.append((f"round {r + 1}: all unpublished", status(daemon), status(csi)))
     finally:
         node.close()
     return rows
@@ -94,6 +97,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--volumes", type=int, default=1000)
     ap.add_argument("--no-lock", action="store_true", help="run the daemon with --no-mlock")
+    ap.add_argument("--rounds", type=int, default=2, help="publish/unpublish rounds (2)")
     args = ap.parse_args()
     if needs_root():
         return 2
@@ -105,12 +109,16 @@ def main() -> int:
         kube = env.kube
         kube.add_spc("default", spc())
         kube.add_service_account("default", "shared", {ROLE_ANNOTATION: role_arn("shared")})
-        for i in range(args.volumes):
-            kube.add_service_account("default", f"sa-{i}", {ROLE_ANNOTATION: role_arn(f"r{i}")})
+        for r in range(args.rounds):
+            for i in range(args.volumes):
+                sa = f"sa-{r}-{i}"
+                kube.add_service_account("default", sa, {ROLE_ANNOTATION: role_arn(sa)})
         for distinct in (False, True):
             case = env.tmp / ("distinct" if distinct else "one")
             case.mkdir()
-            results[distinct] = run_case(kube, case, args.volumes, distinct, not args.no_lock)
+            results[distinct] = run_case(
+                kube, case, args.volumes, distinct, not args.no_lock, args.rounds
+            )
     lock = "unlocked (--no-mlock)" if args.no_lock else "locked (mlockall)"
     print(f"Daemon memory, CSI mode, {OBJECTS} objects x 1 KiB per volume, daemon memory {lock}\n")
     print("| identities | moment | daemon VmRSS MiB | daemon VmLck MiB | csi VmRSS MiB |")

@@ -10,6 +10,11 @@ import resource
 log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
+M_ARENA_MAX = -8
+# glibc gives each thread that allocates its own malloc arena (up to 8 per core); with mlockall
+# every one of them stays resident and locked. Provider calls run in many short-lived threads:
+# two arenas hold them all.
+ARENAS = 2
 MCL_CURRENT = 1
 MCL_FUTURE = 2
 CAP_IPC_LOCK = 14
@@ -44,6 +49,9 @@ def harden(lock_memory: bool = True) -> dict[str, bool]:
     else:
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())
     if lock_memory:
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(M_ARENA_MAX, ARENAS)
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         # With MCL_FUTURE and a small RLIMIT_MEMLOCK, later allocations would fail outright, so
         # lock only when the limit cannot bite.
@@ -55,3 +63,4 @@ def harden(lock_memory: bool = True) -> dict[str, bool]:
         else:
             log.info("memory not locked: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is limited")
     return done
+
