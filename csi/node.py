@@ -141,7 +141,10 @@ def publish_request(req: Any, kubelet_root: str = DEFAULT_KUBELET_ROOT) -> Publi
     group = cap.mount.volume_mount_group if cap.HasField("mount") else ""
     if group:
         # isdigit() alone accepts "²", which int() refuses.
-        if not (group.isascii() and group.isdigit()) or int(group) > 0xFFFFFFFE:
+        if (
+            not (group.isascii() and group.isdigit() and len(group) <= 10)
+            or int(group) > 0xFFFFFFFE
+        ):
             raise invalid(f"volume_mount_group {limits.quote(group)} is not a numeric group id")
         gid = int(group)
     secrets = dict(req.secrets)

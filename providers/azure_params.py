@@ -21,6 +21,7 @@ import yaml
 
 from providers import limits
 from providers.base import Problem, check_path, parse_mode_octal_text
+from providers.limits import quote
 
 # Where the Entra ID (AAD) token endpoint is and what Key Vault host names end with, per cloud.
 # Names as go-autorest's EnvironmentFromName knows them (compared case-insensitively).
@@ -376,13 +377,16 @@ def parse_object(
     return AzureObject(name, otype, alias, version, history, fmt, encoding or "utf-8", mode)
 
 
+_HISTORY = re.compile(r"^-?[0-9]{1,9}$")
+
+
 def _parse_history(value: object, bad: Callable[[str, str], None]) -> int:
     if value is None or value == "":
         return 0
     if isinstance(value, bool) or not (
-        isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
+        isinstance(value, int) or (isinstance(value, str) and _HISTORY.match(value.strip()))
     ):
-        bad("objectVersionHistory", f"{value!r} is not a number of versions")
+        bad("objectVersionHistory", f"{quote(value)} is not a number of versions")
         return 0
     n = int(value)
     if n < 0:

@@ -374,6 +374,8 @@ def check_files(files: Iterable[FileSpec]) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, str] = {}
     for f in files:
+        if len(f.path) > MAX_PATH:
+            continue  # check_path reported it; its prefixes would cost time quadratic in depth
         if f.path in seen:
             problems.append(
                 Problem(

@@ -35,11 +35,15 @@ class LimitError(ValueError):
 
 
 def quote(value: object, limit: int = MAX_QUOTE) -> str:
-    """``value`` for a message: escaped (control characters, quotes) and cut at ``limit``."""
+    """``value`` for a message: escaped (control characters, quotes) and cut, so the result is
+    at most about ``limit`` characters however many escapes the text needs."""
     text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return repr(text[:limit]) + f"... ({len(text)} characters)"
+    shown = repr(text[:limit])
+    if len(shown) > limit + 2:
+        shown = shown[: limit + 1] + "...'"
+    if len(text) > limit:
+        shown += f"... ({len(text)} characters)"
+    return shown
 
 
 def size(text: str) -> int:
@@ -91,7 +95,14 @@ def load_yaml(text: str, loader: type[Any] = yaml.SafeLoader) -> Any:
         if node is None:
             return None
         _measure(node)
-        return ld.construct_document(node)
+        try:
+            return ld.construct_document(node)
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError, OverflowError):
+            # PyYAML's constructors raise these for values such as `!!int x`, `0b_`, a date
+            # like 2001-13-01 or an integer of more than 4300 digits.
+            raise yaml.constructor.ConstructorError(
+                None, None, "a value cannot be read (a bad number, date or !!tag)", node.start_mark
+            ) from None
     finally:
         ld.dispose()
 

@@ -167,8 +167,12 @@ def _env_or(params: Mapping[str, str], key: str, env: str) -> str | None:
 
 def parse_auth(params: Mapping[str, str], problems: list[Problem]) -> VaultAuth:
     address = _env_or(params, "vaultAddress", "VAULT_ADDR") or DEFAULT_ADDRESS
-    url = urlsplit(address)
-    if url.scheme not in ("http", "https") or not url.hostname:
+    try:
+        url = urlsplit(address)
+        usable = url.scheme in ("http", "https") and bool(url.hostname)
+    except ValueError:  # e.g. "http://[" (an unclosed IPv6 bracket)
+        usable = False
+    if not usable:
         problems.append(
             Problem(
                 None,

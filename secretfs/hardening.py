@@ -63,4 +63,3 @@ def harden(lock_memory: bool = True) -> dict[str, bool]:
         else:
             log.info("memory not locked: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is limited")
     return done
-

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from providers import UnknownProvider, get_provider, limits
-from providers.base import DEFAULT_MODE, ParameterError, Plan, Problem
+from providers.base import DEFAULT_MODE, ParameterError, Plan, Problem, check_path
 
 GROUP = "secrets-store.csi.x-k8s.io"
 API_VERSIONS = (f"{GROUP}/v1", f"{GROUP}/v1alpha1")
@@ -114,6 +114,10 @@ def plan(
     except UnknownProvider as exc:
         raise ParameterError([Problem(None, "spec.provider", str(exc))]) from None
     result = provider.parse(params, default_mode)
+    # Whatever a provider derived (history indexes, extracted keys), every path must be sane.
+    bad = [p for f in result.files for p in check_path(f.path, f.object_name, "path")]
+    if bad:
+        raise ParameterError(bad)
     if len(result.files) > limits.MAX_FILES:
         raise ParameterError(
             [

@@ -142,6 +142,7 @@ def test_publish_request_extracts_identity_and_attributes() -> None:
         ({"target_path": "/etc/secretfs"}, "not inside the kubelet's pods directory"),
         ({"target_path": "/var/lib/kubelet/pods/../../../etc"}, "not inside"),
         ({"target_path": "/var/lib/kubelet/podsX/u/mount"}, "not inside"),
+        ({"target_path": "/" + "\U000e0001" * 300}, "not inside"),  # escapes stay bounded
     ],
 )
 def test_publish_request_validation(over: dict[str, object], needle: str) -> None:
@@ -157,6 +158,7 @@ def test_publish_request_validation(over: dict[str, object], needle: str) -> Non
     [
         ({}, "\u00b2", "not a numeric group id"),  # str.isdigit accepts "²", int() does not
         ({}, "-1", "not a numeric group id"),
+        ({}, "9" * 4301, "not a numeric group id"),  # int() refuses more than 4300 digits
         ({"secretProviderClass": "x" * 1_000_000}, "", "too large"),
         ({"secretProviderClass": "Bad\nName"}, "", "not a Kubernetes name"),
         ({"secretProviderClass": "a" * 300}, "", "not a Kubernetes name"),

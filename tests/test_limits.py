@@ -130,3 +130,43 @@ def test_azure_negative_version_history_is_refused() -> None:
         "array:\n  - |\n    objectName: s\n    objectType: secret\n    objectVersionHistory: -1\n"
     )
     assert "negative" in refused(spc("azure", objects=text))
+
+
+# Found by tests/test_properties.py; kept as plain cases.
+
+
+@pytest.mark.parametrize(
+    "text", ["0b_", "!!int x", "!!float ", "!!bool x", "!!timestamp x", "- " + "9" * 4301]
+)
+@pytest.mark.parametrize("provider", ["aws", "gcp", "vault"])
+def test_unreadable_yaml_values_are_parameter_errors(provider: str, text: str) -> None:
+    field, _ = LISTS[provider]
+    assert "YAML" in refused(spc(provider, **{field: text}))
+
+
+@pytest.mark.parametrize("history", ["\u00b2", "--1", "9" * 4301])
+def test_azure_version_history_that_is_no_number(history: str) -> None:
+    text = (
+        "array:\n  - |\n    objectName: s\n    objectType: secret\n"
+        f"    objectVersionHistory: {history}\n"
+    )
+    assert "not a number of versions" in refused(spc("azure", objects=text))
+
+
+def test_vault_address_that_urlsplit_refuses() -> None:
+    assert "vaultAddress" in refused(spc("vault", vaultAddress="http://["))
+
+
+def test_derived_paths_are_checked_too() -> None:
+    # Azure appends "/<index>" to each version of a history: the result must still be a path.
+    alias = "a/" * 2047 + "a"
+    text = (
+        "array:\n  - |\n    objectName: s\n    objectType: secret\n"
+        f"    objectAlias: {alias}\n    objectVersionHistory: 3\n"
+    )
+    assert "longer than 4096 bytes" in refused(spc("azure", objects=text))
+
+
+def test_quote_bounds_the_output_not_only_the_input() -> None:
+    shown = limits.quote("\U000e0001" * 300, limit=120)
+    assert len(shown) < 200
