@@ -127,6 +127,13 @@ def test_publish_errors(node: CsiNode, kube_api: KubeServer) -> None:  # noqa: F
     assert "SecretProviderClass default/no-objects" in msg and "objects" in msg
     code, msg = fails(node, req(POD, "missing"))
     assert code == C.FAILED_PRECONDITION and "NoSuchSecret" in msg
+    # A pod author's volumeAttributes override the class: a "billion laughs" there is refused,
+    # naming the limit, and the daemon that serves every volume goes on serving.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = "\n".join(levels) + "\nobjects: *a8\n"
+    code, msg = fails(node, req(POD, extra={"objects": bomb}))
+    assert code == C.INVALID_ARGUMENT and "expands to more than 50000 YAML nodes" in msg
     assert_clean(node)
 
     # Target path busy: a non-empty directory, then another filesystem mounted there.
