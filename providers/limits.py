@@ -66,12 +66,25 @@ def check_parameters(params: Mapping[str, str]) -> list[tuple[str, str]]:
     return out
 
 
-# libyaml's parser where this PyYAML has it: the same documents, several times faster.
+# libyaml's parser where this PyYAML has it: the same documents, several times faster. But it
+# holds the GIL for a whole document, which stalls every volume's reads while it runs (measured:
+# ~100 ms for 250 KiB); the pure-Python parser lets the FUSE thread in every few milliseconds. So
+# libyaml only for documents that parse in a few milliseconds.
+FAST_PARSE_BYTES = 16 * 1024
 _FAST: dict[type[Any], type[Any]] = (
     {yaml.SafeLoader: yaml.CSafeLoader, yaml.BaseLoader: yaml.CBaseLoader}
     if yaml.__with_libyaml__
     else {}
 )
+
+
+# The other way round, for a loader that is libyaml-based (Vault's).
+_SLOW: dict[type[Any], type[Any]] = {}
+
+
+def slow_twin(fast: type[Any], slow: type[Any]) -> None:
+    """Register the pure-Python ``slow`` loader that reads large documents for ``fast``."""
+    _SLOW[fast] = slow
 
 
 def load_yaml(text: str, loader: type[Any] = yaml.SafeLoader) -> Any:
@@ -82,7 +95,8 @@ def load_yaml(text: str, loader: type[Any] = yaml.SafeLoader) -> Any:
     """
     if size(text) > MAX_PARAMETER_BYTES:
         raise LimitError(f"is {size(text)} bytes; at most {MAX_PARAMETER_BYTES}")
-    ld = _FAST.get(loader, loader)(text)
+    fast = size(text) <= FAST_PARSE_BYTES
+    ld = (_FAST.get(loader, loader) if fast else _SLOW.get(loader, loader))(text)
     try:
         try:
             node = ld.get_single_node()

@@ -89,13 +89,12 @@ class VaultSelect(NamedTuple):
 # --- YAML the way upstream's yaml.v3 reads it into interface{} ------------------------------------
 
 
-class _Loader(yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader):  # type: ignore[misc]
-    """SafeLoader (libyaml's parser where available) without YAML 1.1 yes/no/on/off booleans
-    and without timestamps (yaml.v3 keeps both as strings), so secretArgs reach Vault as
-    upstream would send them."""
+class _PyLoader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1 yes/no/on/off booleans and without timestamps (yaml.v3 keeps
+    both as strings), so secretArgs reach Vault as upstream would send them."""
 
 
-_Loader.yaml_implicit_resolvers = {
+_PyLoader.yaml_implicit_resolvers = {
     ch: [
         (tag, rx)
         for tag, rx in rs
@@ -103,9 +102,18 @@ _Loader.yaml_implicit_resolvers = {
     ]
     for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(
+_PyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+_Loader: type[Any] = _PyLoader
+if yaml.__with_libyaml__:
+
+    class _CLoader(yaml.CSafeLoader):
+        """The same resolvers on libyaml's parser (small documents; limits.load_yaml)."""
+
+    _CLoader.yaml_implicit_resolvers = _PyLoader.yaml_implicit_resolvers
+    _Loader = _CLoader
+    limits.slow_twin(_CLoader, _PyLoader)
 
 
 def _parse_bool(value: str) -> bool | None:
