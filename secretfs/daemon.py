@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,8 @@ DENIED_CODES = frozenset({"AccessDenied", "PermissionDenied", "AuthFailed", "For
 # hang its caller, so they get as long as a read may wait for a fetch (READ_DEADLINE, 30 s) within
 # Kubernetes' default grace period.
 TERM_GRACE = 2.0
+# How long a new daemon waits for the previous one to be gone (normally milliseconds).
+LOCK_WAIT = 5.0
 TERM_GRACE_NO_RESEND = 25.0
 
 
@@ -474,14 +477,27 @@ def _listen(path: str) -> socket.socket:
 
 def _lock(path: str) -> int:
     """The node lock: held from before we listen until this process is gone (the kernel drops
-    it however we die), so a daemon that holds it knows no earlier generation still runs."""
+    it however we die), so a daemon that holds it knows no earlier generation still runs.
+
+    A previous daemon that cannot finish dying (a thread in uninterruptible sleep on its own
+    connection) would hold it forever while it waits for a request only the next generation can
+    answer: after LOCK_WAIT we go on without it. Every operation is read-only, so a request the
+    resend makes run twice does no harm."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.warning("another secretfs daemon holds %s; waiting for it to exit", path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning(
+                    "another secretfs daemon still holds %s after %.0f s; taking over anyway",
+                    path,
+                    LOCK_WAIT,
+                )
+                return fd
+            time.sleep(0.05)
 
 
 async def serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon], None]) -> int:

@@ -8,8 +8,12 @@ Consistency rules (see docs/INTERNALS.md for the why):
   the inode has no open handle of another version and the kernel was last told this version's
   size. Otherwise the handle is opened ``direct_io``, which bypasses the page cache and the cached
   file size, so handles of two versions never see each other's bytes.
-- When a value changes, the inode's kernel caches are invalidated from a worker thread
-  (``pyfuse3.invalidate_inode`` on the trio thread deadlocks against an in-flight READ).
+- When a value changes, the inode's cached attributes are invalidated from a worker thread
+  (``pyfuse3.invalidate_inode`` on the trio thread deadlocks against an in-flight READ). Only the
+  attributes: dropping pages waits for the page locks of READs in flight, and a daemon killed
+  during that wait can never exit (measured: a thread stuck in ``__folio_lock``, the process a
+  zombie holding the connection, so no next generation ever starts). Pages of an old version
+  are dropped by the next open instead (``keep_cache`` false), in the opener's context.
 - File handles carry their inode (``fh >> 32``), and nothing the kernel holds depends on one
   process's tables: after a takeover (secretfs/takeover.py) the new daemon generation serves
   reads and releases of handles an earlier one issued, adopting such a handle with the version it
@@ -346,8 +350,8 @@ class SecretFS(pyfuse3.Operations):
             self._nursery.start_soon(self._invalidate, tuple(inodes))
 
     def invalidate_files(self) -> None:
-        """Drop what the kernel caches of every file: after a takeover its attributes and pages
-        may be of a version this generation does not serve."""
+        """Drop the kernel's cached attributes of every file: after a takeover they may be of a
+        version this generation does not serve (pages go at the next open: keep_cache false)."""
         self.invalidate({n.inode for n in self.tree.nodes.values() if n.spec is not None})
 
     def forget_entry(self, parent: int, name: bytes) -> None:
@@ -367,7 +371,7 @@ class SecretFS(pyfuse3.Operations):
 def _invalidate_sync(inodes: tuple[int, ...]) -> None:
     for ino in inodes:
         try:
-            pyfuse3.invalidate_inode(ino, attr_only=False)
+            pyfuse3.invalidate_inode(ino, attr_only=True)  # never pages: see the module doc
         except OSError as exc:
             # ENOENT: the kernel never saw this inode (or forgot it); nothing to drop.
             if exc.errno != errno.ENOENT:

@@ -92,12 +92,12 @@ def reader(tmp_path: Path, target: Path, name: str = "ctr", threads: int = 1) ->
     return NsReader(str(target), str(tmp_path / name), NAME, threads)
 
 
-def assert_clean(summary: dict[str, Any]) -> None:
+def assert_clean(summary: dict[str, Any], max_stall: float = MAX_STALL) -> None:
     assert summary["errors"] == {}, summary["errors"]
     assert set(summary["seen"]) == {VALUE}, summary["seen"]
     assert summary["reads"] > 0
     worst = max((took for _, took in summary["slow"]), default=0.0)
-    assert worst < MAX_STALL, f"a read stalled {worst:.2f} s"
+    assert worst < max_stall, f"a read stalled {worst:.2f} s"
 
 
 def restart_daemon(node: CsiNode, sig: int = signal.SIGKILL) -> None:
@@ -162,7 +162,9 @@ def test_kill_9_at_random_moments_with_reads_in_flight(
         time.sleep(0.5)
     finally:
         summary = r.finish()
-    assert_clean(summary)
+    # A kill can land before the previous daemon took over: a read then waits through both
+    # restarts. The guarantee is "bounded by the restarts", so two of them here.
+    assert_clean(summary, 2 * MAX_STALL)
     logs = node.log("daemon")
     assert "unanswered requests resent" in logs
     assert int(metric(node, "secretfs_takeovers_total")) >= 10
