@@ -26,6 +26,8 @@ from csi.pb import csi_pb2
 from csi.publish import Publish
 from csi.server import CsiError
 from providers import limits
+from providers.aws_params import OBJECT_FIELDS
+from providers.azure_params import _FIELDS as AZURE_OBJECT_FIELDS
 from providers.base import ParameterError, Plan, Problem, check_path
 from providers.vault_config import _Loader as VaultLoader
 from secretfs import spc as spc_mod
@@ -221,17 +223,8 @@ def azure_list_parameter(
 
 # --- the providers' schemas -------------------------------------------------------------------
 
-AWS_FIELDS = (
-    "objectName",
-    "objectType",
-    "objectAlias",
-    "objectVersion",
-    "objectVersionLabel",
-    "filePermission",
-    "jmesPath",
-    "failoverObject",
-    "path",
-)
+# The providers' own field lists: a field added there is fuzzed here too.
+AWS_FIELDS = (*OBJECT_FIELDS, "path")
 AWS_REAL = st.one_of(
     st.sampled_from(
         [
@@ -311,16 +304,7 @@ AWS_TOP_VALUES = st.sampled_from(
     ]
 )
 
-AZURE_FIELDS = (
-    "objectName",
-    "objectType",
-    "objectAlias",
-    "objectVersion",
-    "objectVersionHistory",
-    "objectFormat",
-    "objectEncoding",
-    "filePermission",
-)
+AZURE_FIELDS = AZURE_OBJECT_FIELDS
 AZURE_NAMES = st.text(alphabet="ab-0", min_size=1, max_size=8)
 DIGITS = st.text(alphabet="0123456789-+ \u00b2\u0663", min_size=1, max_size=5)
 AZURE_REAL = st.one_of(
