@@ -21,8 +21,10 @@ rollback, a crash loop that ends) recovers every pod without recreating any.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import queue
 import select
 import threading
 import time
@@ -30,13 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csi import metrics, mounts
-from secretfs import control, fusewire
+from secretfs import announce, control, fusewire
 from secretfs.control import ControlError
 
 log = logging.getLogger(__name__)
 
 # How often a keeper with no daemon looks for the next generation.
 POLL = 0.05
+# The key of a record's "spc" holding the value of the SecretProviderClass's secretfs.io/refresh
+# annotation the volume last honoured (the daemon ignores it and hands it back in ``export``).
+REFRESH_MARK = "refresh"
+# Change announcements waiting for the toucher thread (then they are dropped, with a warning).
+TOUCH_BACKLOG = 1024
 
 
 @dataclass
@@ -58,6 +65,14 @@ class Keeper:
         self.conn: Connection | None = None
         self.lock = threading.Lock()
         self._refused: object = None  # the daemon pid we last said no to
+        # A private writable clone of the node root: changed files are touched through it so
+        # watchers get IN_ATTRIB (secretfs/announce.py). Touched in its own thread, never the
+        # daemon's: a daemon killed mid-SETATTR must not wait for itself.
+        self.clone: announce.Clone | None = None
+        self._clone_lock = threading.Lock()  # held while touching through the clone
+        self._touches: queue.Queue[list[str]] = queue.Queue(maxsize=TOUCH_BACKLOG)
+        self._erofs_said = False
+        threading.Thread(target=self._toucher, name="announce", daemon=True).start()
 
     def alive(self) -> bool:
         """False once the kernel has aborted our connection (fusectl abort, a forced unmount):
@@ -86,11 +101,40 @@ class Keeper:
             }
             self.conn.next_inode = max(self.conn.next_inode, int(answer.get("next_inode") or 0))
 
-    def update_tokens(self, volume_id: str, tokens: dict[str, Any]) -> None:
+    def update_identity(
+        self,
+        volume_id: str,
+        *,
+        tokens: dict[str, Any] | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> None:
+        """A republish renewed the tokens (empty or None: kept) and brought the
+        nodePublishSecretRef data the daemon now serves with (None: unchanged)."""
         with self.lock:
             entry = self.conn.volumes.get(volume_id) if self.conn else None
-            if entry is not None and tokens:
-                entry["record"]["identity"]["tokens"] = tokens
+            if entry is None:
+                return
+            identity = entry["record"]["identity"]
+            if tokens:
+                identity["tokens"] = tokens
+            if secrets is not None:
+                identity["secrets"] = secrets
+
+    def refresh_mark(self, volume_id: str) -> str | None:
+        """The SecretProviderClass's ``secretfs.io/refresh`` annotation as this volume last
+        honoured it ("" if there was none); None if the volume has no record here."""
+        with self.lock:
+            entry = self.conn.volumes.get(volume_id) if self.conn else None
+            if entry is None:
+                return None
+            spc = entry["record"].get("spc")
+            return str(spc.get(REFRESH_MARK) or "") if isinstance(spc, dict) else ""
+
+    def set_refresh_mark(self, volume_id: str, value: str) -> None:
+        with self.lock:
+            entry = self.conn.volumes.get(volume_id) if self.conn else None
+            if entry is not None and isinstance(entry["record"].get("spc"), dict):
+                entry["record"]["spc"][REFRESH_MARK] = value
 
     def forget(self, volume_id: str) -> None:
         with self.lock:
@@ -107,6 +151,7 @@ class Keeper:
         try:
             mounts.mount_fuse_root(mount_root, fd, uid, gid)
             try:
+                self._clone(mount_root)
                 init = fusewire.read_init(fd)
                 root = mounts.node_root(mounts.read_mountinfo(), mount_root)
                 if root is None:
@@ -200,6 +245,10 @@ class Keeper:
             raise
         with self.lock:
             self.conn = conn
+        try:
+            self._clone(root.mountpoint)
+        except OSError as exc:
+            log.error("the node root %s could not be made read-only: %s", root.mountpoint, exc)
         log.info(
             "took the FUSE connection back from daemon generation %d (%d volume(s))",
             conn.generation,
@@ -214,6 +263,53 @@ class Keeper:
             log.warning("letting go of the FUSE connection: %s", why)
             with contextlib.suppress(OSError):
                 os.close(conn.fd)
+        # After the connection: a touch blocked on it ends when the kernel aborts it.
+        with self._clone_lock:
+            clone, self.clone = self.clone, None
+        if clone is not None:
+            clone.close()
+
+    # --- change announcements ---
+
+    def _clone(self, mount_root: str) -> None:
+        """Make the node root announce (a private writable clone) and read-only again; raises
+        OSError only if it cannot be made read-only."""
+        fd, why = announce.announcing(mount_root)
+        if fd is None:
+            log.warning("no change announcements (inotify events): %s", why)
+            return
+        clone = announce.Clone(fd)
+        with self._clone_lock:
+            old, self.clone = self.clone, clone
+        if old is not None:
+            old.close()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        paths = event.get("touch")
+        if not isinstance(paths, list):
+            return
+        try:
+            self._touches.put_nowait([str(p) for p in paths])
+        except queue.Full:
+            log.warning("change announcements are backing up; %d dropped", len(paths))
+
+    def _toucher(self) -> None:
+        while True:
+            paths = self._touches.get()
+            with self._clone_lock:
+                fd = self.clone.fd if self.clone is not None else None
+                failed = announce.touch(fd, paths) if fd is not None else []
+            for path, err in failed:
+                if err == errno.EROFS:
+                    if not self._erofs_said:
+                        self._erofs_said = True
+                        log.warning(
+                            "no change announcements: the node root was mounted read-only by "
+                            "an earlier release; they start with the next node root"
+                        )
+                else:
+                    log.warning("announcing a change of %s failed: %s", path, os.strerror(err))
+            metrics.announcements.inc(len(paths))
 
     # --- the watch ---
 
@@ -230,7 +326,7 @@ class Keeper:
                 status = {}
             if status.get("serving"):
                 with contextlib.suppress(ControlError):
-                    self.client.watch()  # returns when that daemon is gone
+                    self.client.watch(self._on_event)  # returns when that daemon is gone
                 stop.wait(POLL)
                 continue
             self._recover(ensure, stop)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client, config
@@ -19,6 +21,9 @@ GROUP = "secrets-store.csi.x-k8s.io"
 VERSION = "v1"
 PLURAL = "secretproviderclasses"
 TIMEOUT = (5.0, 10.0)  # connect, read (seconds)
+# How long a republish may use an answer about a SecretProviderClass (one GET per class per this,
+# however many pods use it).
+SPC_CACHE_SECONDS = 30.0
 
 
 class KubeError(Exception):
@@ -36,10 +41,17 @@ def _reason(exc: ApiException) -> str:
 
 
 class Kube:
-    def __init__(self, kubeconfig: str | None = None) -> None:
+    def __init__(
+        self, kubeconfig: str | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._kubeconfig = kubeconfig
         self._api: client.ApiClient | None = None
         self._lock = threading.Lock()
+        self._clock = clock
+        # (namespace, name) -> (when, the object or the KubeError it answered with)
+        self._spcs: dict[tuple[str, str], tuple[float, dict[str, Any] | KubeError]] = {}
+        self._spc_flights: dict[tuple[str, str], threading.Lock] = {}
+        self._spc_lock = threading.Lock()
 
     def _client(self) -> client.ApiClient:
         # Built on first use: the csi process starts (and answers Probe) before the API is needed.
@@ -82,6 +94,34 @@ class Kube:
         if not isinstance(obj, dict):
             raise KubeError(f"cannot read {what}: unexpected answer")
         return obj
+
+    def cached_secret_provider_class(
+        self, namespace: str, name: str, max_age: float = SPC_CACHE_SECONDS
+    ) -> dict[str, Any]:
+        """``secret_provider_class``, or its answer (object or error) of at most ``max_age``
+        seconds ago: one GET per class however many volumes ask at once (republish)."""
+        key = (namespace, name)
+        with self._spc_lock:
+            flight = self._spc_flights.setdefault(key, threading.Lock())
+        with flight:
+            with self._spc_lock:
+                hit = self._spcs.get(key)
+            if hit is None or self._clock() - hit[0] >= max_age:
+                try:
+                    answer: dict[str, Any] | KubeError = self.secret_provider_class(*key)
+                except KubeError as exc:
+                    answer = exc
+                now = self._clock()
+                with self._spc_lock:
+                    for k in [k for k, (t, _) in self._spcs.items() if now - t >= max_age]:
+                        del self._spcs[k]
+                        if k != key:
+                            self._spc_flights.pop(k, None)
+                    self._spcs[key] = hit = (now, answer)
+        answer = hit[1]
+        if isinstance(answer, KubeError):
+            raise type(answer)(str(answer))
+        return answer
 
     def service_account_annotations(self, namespace: str, name: str) -> dict[str, str]:
         """The annotations providers read (IRSA role ARN, GKE service account); {} if none."""

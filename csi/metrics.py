@@ -101,3 +101,9 @@ def serve(addr: str) -> None:
     host, _, port = addr.rpartition(":")
     start_http_server(int(port), addr=host or "0.0.0.0")
     log.info("metrics on %s", addr)
+
+
+announcements = Counter(
+    "secretfs_announcements",
+    "Changed files announced to watchers (touched through the private clone: IN_ATTRIB)",
+)

@@ -129,11 +129,14 @@ def volume_of(m: MountInfo | None, root: MountInfo | None) -> str | None:
 
 
 def mount_fuse_root(root_dir: str, fuse_fd: int, uid: int, gid: int) -> None:
-    """Mount the node's secretfs root at ``root_dir``, served by whoever reads ``fuse_fd``."""
+    """Mount the node's secretfs root at ``root_dir``, served by whoever reads ``fuse_fd``.
+
+    The superblock is writable so that a private clone can announce changes
+    (secretfs/announce.py); the caller makes this mount read-only right after (Keeper)."""
     data = (
         f"fd={fuse_fd},rootmode=40000,user_id={uid},group_id={gid},allow_other,default_permissions"
     )
-    mount(SOURCE, root_dir, FSTYPE, MS_RDONLY | MS_NOSUID | MS_NODEV, data)
+    mount(SOURCE, root_dir, FSTYPE, MS_NOSUID | MS_NODEV, data)
 
 
 def bind_readonly(source: str, target: str) -> None:

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +21,18 @@ from typing import Any
 import grpc
 
 from csi import kube, metrics, mounts
-from csi.keeper import Keeper
+from csi.keeper import REFRESH_MARK, Keeper
 from csi.server import CsiError, annotate
+from providers.limits import quote
 from secretfs import control, fusewire
 from secretfs import spc as spc_mod
 from secretfs.control import ControlError
 
 log = logging.getLogger(__name__)
+
+# A SecretProviderClass annotation: set it to a new value (a timestamp) and every volume of the
+# class fetches its values again at its next republish, bypassing the TTL.
+REFRESH_ANNOTATION = "secretfs.io/refresh"
 
 S = grpc.StatusCode
 # Daemon answer codes → gRPC codes and error_type labels.
@@ -47,6 +53,12 @@ def daemon_error(exc: ControlError, unreachable: bool = False) -> CsiError:
         return CsiError(S.UNAVAILABLE, exc.message, metrics.DAEMON_UNAVAILABLE)
     code, error_type = _DAEMON_CODES.get(exc.code, (S.INTERNAL, metrics.INTERNAL_ERROR))
     return CsiError(code, exc.message, error_type)
+
+
+def refresh_mark(obj: dict[str, Any]) -> str:
+    """The value of a SecretProviderClass object's refresh annotation ("" if none)."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(REFRESH_ANNOTATION) or "")
 
 
 @dataclass(frozen=True)
@@ -195,13 +207,7 @@ class Node:
         if current is not None:
             shown = mounts.volume_of(current, root)
             if shown == req.volume_id and req.volume_id in status.get("volumes", ()):
-                # requiresRepublish: only the tokens are new. Cheap, no API or backend call.
-                try:
-                    answer = self.client.refresh(req.volume_id, req.tokens)
-                except ControlError as exc:
-                    raise daemon_error(exc) from None
-                self.keeper.update_tokens(req.volume_id, req.tokens)
-                annotate(provider=str(answer.get("provider", "")))
+                self.republish(req, time_left)
                 return "republished"
             if (shown is None and current.fstype == mounts.FSTYPE) or shown == req.volume_id:
                 # Our bind of a volume a previous daemon served: it is dead; publish afresh.
@@ -215,7 +221,7 @@ class Node:
                     metrics.FAILED_TO_ENSURE_MOUNT_POINT,
                 )
         created = self._check_target(req.target)
-        spc = self._read_spc(req)
+        spc, mark = self._read_spc(req)
         annotations = {}
         if req.service_account:
             try:
@@ -234,7 +240,13 @@ class Node:
             "sa_annotations": annotations,
         }
         record: dict[str, Any] = {
-            "spc": {"name": spc.name, "provider": spc.provider, "parameters": dict(spc.parameters)},
+            "spc": {
+                "name": spc.name,
+                "provider": spc.provider,
+                "parameters": dict(spc.parameters),
+                "ttl": spc.ttl,  # secretfs.io/ttl (seconds) or None
+                REFRESH_MARK: mark,  # the daemon ignores it; export hands it back
+            },
             "attributes": req.attributes,
             "identity": identity,
             "gid": req.gid,
@@ -264,6 +276,84 @@ class Node:
             ) from None
         return "published"
 
+    def republish(self, req: Publish, time_left: float) -> None:
+        """requiresRepublish: fresh tokens, and the nodePublishSecretRef data as it is now. Cheap
+        (no backend call) unless that data changed, or the class asks for a refresh now."""
+        deadline = time.monotonic() + time_left
+        try:
+            answer = self.client.refresh(
+                req.volume_id, req.tokens, req.secrets, timeout=max(5.0, time_left - 5.0)
+            )
+        except ControlError as exc:
+            # The daemon renews the tokens even when it cannot use new Secret data.
+            self.keeper.update_identity(req.volume_id, tokens=req.tokens)
+            raise daemon_error(exc) from None
+        self.keeper.update_identity(req.volume_id, tokens=req.tokens, secrets=req.secrets)
+        annotate(provider=str(answer.get("provider", "")))
+        self._refresh_on_request(req, deadline)
+
+    def _refresh_on_request(self, req: Publish, deadline: float) -> None:
+        """The class's secretfs.io/refresh annotation differs from the value this volume last
+        honoured: the daemon fetches the volume's values now, bypassing the TTL. The class is
+        read from a cache of SPC_CACHE_SECONDS; an API failure skips the check (never the
+        republish); a failed refresh fails the republish, and is tried again at the next one."""
+        honoured = self.keeper.refresh_mark(req.volume_id)
+        if honoured is None:
+            return  # no record of the volume here (no connection held): nothing to compare
+        where = f"SecretProviderClass {req.namespace}/{req.spc_name}"
+        try:
+            obj = self.kube.cached_secret_provider_class(req.namespace, req.spc_name)
+        except kube.KubeError as exc:
+            log.warning(
+                "volume %s: %s; its %s annotation is not looked at this time",
+                req.volume_id,
+                exc,
+                REFRESH_ANNOTATION,
+            )
+            return
+        mark = refresh_mark(obj)
+        if mark == honoured:
+            return
+        asked = f"annotation {REFRESH_ANNOTATION}={quote(mark)} of {where}"
+        try:
+            answer = self.client.reload(
+                req.volume_id, timeout=max(5.0, deadline - time.monotonic() - 5.0)
+            )
+        except ControlError as exc:
+            if exc.code == control.INVALID_ARGUMENT and "unknown operation" in exc.message:
+                log.warning(
+                    "volume %s: %s asks for a refresh, which this secretfs daemon cannot do "
+                    "(an older release); values refresh at their TTL",
+                    req.volume_id,
+                    asked,
+                )
+                return
+            err = daemon_error(exc)
+            raise CsiError(
+                err.code,
+                f"the refresh asked for by {asked} failed: {exc.message}; the volume keeps "
+                "serving its current values, and the refresh is tried again at the next "
+                "republish",
+                err.error_type,
+            ) from None
+        failed = int(answer.get("failed") or 0)
+        if failed:
+            raise CsiError(
+                S.UNAVAILABLE,
+                f"the refresh asked for by {asked} could not fetch {failed} value(s) (the "
+                "secretfs daemon's log on this node says which and why); it is tried again at "
+                "the next republish",
+                metrics.PROVIDER_ERROR,
+            )
+        self.keeper.set_refresh_mark(req.volume_id, mark)
+        log.info(
+            "volume %s: refreshed as %s asked: %s value(s) fetched, %s changed",
+            req.volume_id,
+            asked,
+            answer.get("fetched", "?"),
+            answer.get("changed", "?"),
+        )
+
     def _check_target(self, target: str) -> bool:
         """Refuse a target that is not an empty directory; False if it exists already."""
         if not os.path.lexists(target):
@@ -280,7 +370,8 @@ class Node:
             metrics.FAILED_TO_ENSURE_MOUNT_POINT,
         )
 
-    def _read_spc(self, req: Publish) -> spc_mod.SecretProviderClass:
+    def _read_spc(self, req: Publish) -> tuple[spc_mod.SecretProviderClass, str]:
+        """The volume's class, and its secretfs.io/refresh annotation ("" if none)."""
         try:
             obj = self.kube.secret_provider_class(req.namespace, req.spc_name)
         except kube.NotFound as exc:
@@ -292,7 +383,7 @@ class Node:
         except spc_mod.SpcError as exc:
             raise CsiError(S.INVALID_ARGUMENT, str(exc), metrics.INVALID_SPC) from None
         annotate(provider=spc.provider)
-        return spc
+        return spc, refresh_mark(obj)
 
     def _undo(self, req: Publish, created: bool, remove: bool) -> None:
         """Leave nothing behind after a failed publish."""

@@ -110,11 +110,14 @@ class Plan:
 
     ``auth`` holds the identity-relevant parameters (region, role, tenant, vault address and role,
     ...); it is part of every cache key, so volumes share cached values only when it is equal.
+    ``ttl`` is the SecretProviderClass's own TTL in seconds (annotation ``secretfs.io/ttl``, set
+    by ``secretfs.spc.plan``, never by a provider); None: the node's default.
     """
 
     provider: str
     files: tuple[FileSpec, ...]
     auth: Hashable = ()
+    ttl: float | None = None
 
     def sources(self) -> list[Hashable]:
         """The distinct sources of the plan, in file order."""

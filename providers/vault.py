@@ -14,9 +14,12 @@ plainly and anything else as JSON, then ``encoding`` (utf-8, base64, hex) is app
 
 Leases: an answer carrying a ``lease_id`` comes back with :attr:`Fetched.lease`.
 :meth:`VaultProvider.renew_sync` first renews the token that issued the lease (Vault revokes a
-token's leases when the token expires), then the lease; :meth:`VaultProvider.revoke_sync` revokes
-it, which needs a policy granting ``update`` on ``sys/leases/revoke``. Both use the issuing token
-while it works and fall back to a login with the pod's current token.
+token's leases when the token expires), then the lease, asking for its current duration again
+(``increment``), and returns the duration Vault granted: shorter than asked once the role's
+``max_ttl`` caps it, which tells the daemon to re-issue the material before the lease ends;
+:meth:`VaultProvider.revoke_sync` revokes it, which needs a policy granting ``update`` on
+``sys/leases/revoke``. Both use the issuing token while it works and fall back to a login with the
+pod's current token. Error messages never carry a token or a lease id.
 """
 
 from __future__ import annotations
@@ -276,9 +279,11 @@ class VaultProvider:
         if held is not None and not identity.ambient:
             self._renew_token(auth, held.token, obj)
         what = f"renewal of the lease on {_lease_path(lease)!r}"
+        # The same duration again: an answer below it means max_ttl capped the lease.
+        increment = int(lease.duration) if lease.duration >= 1 else None
 
         def call(client: Any) -> requests.Response:
-            resp: requests.Response = client.sys.renew_lease(lease.lease_id)
+            resp: requests.Response = client.sys.renew_lease(lease.lease_id, increment=increment)
             return resp
 
         resp, login = self._call(auth, identity, obj, what, _first(held), call)
@@ -287,7 +292,7 @@ class VaultProvider:
                 resp,
                 obj,
                 what,
-                login.scrub,
+                (*login.scrub, lease.lease_id),  # Vault may quote the lease id
                 lease=True,
                 hint="renewing needs update on sys/leases/renew",
             )
@@ -343,7 +348,7 @@ class VaultProvider:
             resp,
             obj,
             what,
-            login.scrub,
+            (*login.scrub, lease.lease_id),
             lease=True,
             hint="revoking needs a policy granting update on sys/leases/revoke",
         )

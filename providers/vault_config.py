@@ -13,13 +13,13 @@ the like) are ignored, as upstream does.
 standalone mode's ambient ``VAULT_TOKEN`` needs no role.
 
 Static or dynamic: an object is dynamic (issued once per volume, never shared or refreshed on a
-timer) when its method is PUT or POST, or when its path names an issuing endpoint: a ``creds``,
-``issue``, ``sign`` or ``sts`` segment followed by a role (``database/creds/app``,
-``pki/issue/web``, ``aws/sts/deploy``), or GCP's ``roleset|static-account|impersonated-account
-/<name>/token|key`` — unless a ``data`` segment comes first (a KV v2 secret that happens to live
-under such a name). The extra object field ``dynamic: true|false`` (ignored by upstream) overrides
-the guess. Objects that share (path, method, secretArgs) share one fetch, and are all dynamic if
-any of them is.
+timer; issued anew only before its lease ends, see ``Volumes._renew_leases``) when its method is PUT
+or POST, or when its path names an issuing endpoint: a ``creds``, ``issue``, ``sign`` or ``sts``
+segment followed by a role (``database/creds/app``, ``pki/issue/web``, ``aws/sts/deploy``), or GCP's
+``roleset|static-account|impersonated-account/<name>/token|key`` — unless a ``data`` segment comes
+first (a KV v2 secret that happens to live under such a name). The extra object field ``dynamic:
+true|false`` (ignored by upstream) overrides the guess. Objects that share (path, method,
+secretArgs) share one fetch, and are all dynamic if any of them is.
 """
 
 from __future__ import annotations

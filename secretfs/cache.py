@@ -3,11 +3,19 @@
 Keys are ``(provider, plan.auth, identity.key(), source)`` (plus the volume id for dynamic
 sources), so values are shared only between callers with the same identity. Semantics:
 
-- fresh (younger than ``ttl``): served from memory;
-- stale (older than ``ttl``, younger than ``max_stale``): served from memory while one background
+- fresh (younger than the key's TTL): served from memory;
+- stale (older than the TTL, younger than ``max_stale``): served from memory while one background
   refresh runs (single-flight, with backoff after failures);
 - gone (never fetched, or older than ``max_stale``): the caller waits for a fetch (single-flight,
   a few tries for transient errors) and gets FetchError if it fails.
+
+Each key has its own TTL: the shortest asked for by the holders that retained it (a volume whose
+SecretProviderClass sets one), else the cache's default.
+
+Keys fetched together (a volume's static values) can be registered as a *group* with a loader
+for many keys at once: a refresh of one of them then fetches, in one loader call, every key of the
+group that is due (past its TTL, not in flight, not backing off after a failure). Every key of
+such a batch is in flight until it returns, so a reader of any of them waits for that one fetch.
 
 A refresh that gets a permanent answer (not found, access denied) drops the value at once: a
 deleted secret or revoked access takes effect within one TTL instead of lingering until
@@ -23,7 +31,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -34,11 +42,18 @@ from secretfs.logs import log_unexpected
 log = logging.getLogger(__name__)
 
 Loader = Callable[[], Awaitable[Fetched]]
+# Fetches many keys in one call; one result per key (a FetchError for a key that failed).
+BatchLoader = Callable[[Sequence[Hashable]], Awaitable[Mapping[Hashable, Fetched | FetchError]]]
 
 # Foreground loads retry transient failures this many times in all, with backoff in between.
 FOREGROUND_TRIES = 3
 # Background refresh backoff after consecutive failures: 1, 2, 4, ... seconds, at most this.
 MAX_BACKOFF = 60.0
+
+# Outcomes of an on-demand refresh (SecretCache.refresh), per key.
+FETCHED = "fetched"  # fetched, same version and bytes as before
+CHANGED = "changed"  # fetched, and it differs from what was served before
+FAILED = "failed"  # the fetch failed (or did not finish in time)
 
 
 @dataclass
@@ -48,6 +63,14 @@ class _Entry:
     expires: float = math.inf  # too old to serve from then on (fetched_at + max_stale)
 
 
+@dataclass(eq=False)
+class _Group:
+    """Keys fetched together, and the loader that fetches any of them in one call."""
+
+    keys: tuple[Hashable, ...]
+    load: BatchLoader
+
+
 @dataclass
 class Stats:
     hits: int = 0
@@ -55,6 +78,8 @@ class Stats:
     misses: int = 0
     refreshes: int = 0
     fetch_errors: int = 0
+    # Volumes published from values past their TTL because the backend failed (Volumes).
+    stale_publishes: int = 0
 
 
 class SecretCache:
@@ -81,10 +106,16 @@ class SecretCache:
         self._failures: Counter[Hashable] = Counter()
         self._retry_at: dict[Hashable, float] = {}
         self._refs: Counter[Hashable] = Counter()
+        # The TTL each holder of a key asked for (a multiset), and the shortest of them: the
+        # key's TTL while they share it. Keys without an entry use the default ``ttl``.
+        self._holder_ttls: dict[Hashable, Counter[float]] = {}
+        self._ttls: dict[Hashable, float] = {}
         # (version, sha256 of the bytes) last stored per key: tells a change from a re-fetch.
         self._seen: dict[Hashable, tuple[str, bytes]] = {}
         # The last loader each key was fetched with, for refreshes started by peek().
         self._loaders: dict[Hashable, Loader] = {}
+        # The group of each static key that has one (its refreshes are batched).
+        self._groups: dict[Hashable, _Group] = {}
         # Keys released while a fetch for them was in flight: its result is thrown away.
         self._discard: set[Hashable] = set()
         self._nursery: trio.Nursery | None = None
@@ -96,14 +127,33 @@ class SecretCache:
 
     # --- lifetime of values -------------------------------------------------------------------
 
-    def retain(self, keys: Iterable[Hashable]) -> None:
+    def retain(self, keys: Iterable[Hashable], ttl: float | None = None) -> None:
+        """Hold ``keys``; ``ttl`` is this holder's TTL for them (None: the default). Release
+        with the same ``ttl``."""
+        t = self._bounded(ttl)
         for k in keys:
             self._refs[k] += 1
             self._discard.discard(k)
+            held = self._holder_ttls.get(k)
+            if held is None:
+                held = self._holder_ttls[k] = Counter()
+            held[t] += 1
+            self._ttls[k] = min(held)
 
-    def release(self, keys: Iterable[Hashable]) -> None:
-        """Drop values no volume uses any more."""
+    def release(self, keys: Iterable[Hashable], ttl: float | None = None) -> None:
+        """Drop values no holder uses any more."""
+        t = self._bounded(ttl)
         for k in keys:
+            held = self._holder_ttls.get(k)
+            if held is not None:
+                held[t] -= 1
+                if held[t] <= 0:
+                    del held[t]
+                if held:
+                    self._ttls[k] = min(held)
+                else:
+                    del self._holder_ttls[k]
+                    self._ttls.pop(k, None)
             self._refs[k] -= 1
             if self._refs[k] <= 0:
                 del self._refs[k]
@@ -113,21 +163,45 @@ class SecretCache:
                 self._failures.pop(k, None)
                 self._retry_at.pop(k, None)
                 self._loaders.pop(k, None)
+                self._groups.pop(k, None)
                 self._seen.pop(k, None)
+                self._holder_ttls.pop(k, None)
+                self._ttls.pop(k, None)
                 if k in self._inflight:
                     self._discard.add(k)
+
+    def group(self, keys: Iterable[Hashable], load: BatchLoader) -> None:
+        """Refresh ``keys`` (static, retained) together with ``load`` from now on. A key is in
+        one group at a time: the last registration wins."""
+        g = _Group(tuple(dict.fromkeys(keys)), load)
+        for k in g.keys:
+            self._groups[k] = g
+            self._loaders.pop(k, None)
+
+    def ttl_of(self, key: Hashable) -> float:
+        """The TTL of ``key``: the shortest its holders asked for, else the default."""
+        return self._ttls.get(key, self.ttl)
 
     def put(self, key: Hashable, value: Fetched, *, dynamic: bool = False) -> None:
         """Store a value fetched elsewhere (the batch fetch at mount time)."""
         self._store(key, value, dynamic)
 
-    def fresh(self, key: Hashable) -> Fetched | None:
-        """A static value younger than the TTL, or None (lets a publish skip the backend)."""
+    def fresh(self, key: Hashable, ttl: float | None = None) -> Fetched | None:
+        """A static value younger than the key's TTL (and than ``ttl`` if given), or None (lets
+        a publish skip the backend)."""
         now = self._clock()
         entry = self._live(key, now)
-        if entry is None or now - entry.fetched_at >= self.ttl:
+        limit = self.ttl_of(key) if ttl is None else min(ttl, self.ttl_of(key))
+        if entry is None or now - entry.fetched_at >= limit:
             return None
         return entry.value
+
+    def stale(self, key: Hashable) -> tuple[Fetched, float] | None:
+        """A static value still servable (younger than max_stale) and its age in seconds, or
+        None: what a publish may use when the backend fails transiently."""
+        now = self._clock()
+        entry = self._live(key, now)
+        return None if entry is None else (entry.value, now - entry.fetched_at)
 
     def __len__(self) -> int:
         self._expire(self._clock())
@@ -144,7 +218,7 @@ class SecretCache:
         entry = self._live(key, now)
         if entry is None:
             return None
-        if now - entry.fetched_at >= self.ttl:
+        if now - entry.fetched_at >= self._ttls.get(key, self.ttl):
             self._refresh_soon(key, None)
         return entry.value
 
@@ -157,12 +231,12 @@ class SecretCache:
                 return None
             self.stats.hits += 1
             return entry.value
-        # The hit path of every open: one clock read, one dict lookup.
+        # The hit path of every open: one clock read, two dict lookups.
         now = self._clock()
         entry = self._live(key, now)
         if entry is None:
             return None
-        if now - entry.fetched_at < self.ttl:
+        if now - entry.fetched_at < self._ttls.get(key, self.ttl):
             self.stats.hits += 1
         else:
             self.stats.stale_hits += 1
@@ -185,7 +259,74 @@ class SecretCache:
             await trio.sleep(_backoff(attempt) / 4)
         raise self._errors.get(key) or FetchError("?", "no value", transient=True)
 
+    async def refresh(
+        self,
+        keys: Iterable[Hashable],
+        load: BatchLoader | None = None,
+        *,
+        give_up_after: float = math.inf,
+    ) -> dict[Hashable, str]:
+        """Fetch the static ``keys`` held now, whatever their age and backoff; returns each
+        key's outcome (FETCHED, CHANGED or FAILED). A key already in flight is waited for, not
+        fetched twice. The others go in one call of ``load`` if given, else one call of each
+        key's group loader. Dynamic keys (issued once, leased) and keys never fetched through
+        a loader are skipped. A key whose fetch has not returned after ``give_up_after``
+        seconds is FAILED (the fetch goes on in the background)."""
+        wanted = [k for k in dict.fromkeys(keys) if k in self._refs and k not in self._dynamic]
+        before = {k: self._seen.get(k) for k in wanted}
+        waits: dict[Hashable, trio.Event] = {}  # the fetch each key waits for
+        batches: dict[int, tuple[BatchLoader, list[Hashable]]] = {}
+        singles: list[tuple[Hashable, Loader]] = []
+        skipped: set[Hashable] = set()
+        for k in wanted:
+            ev = self._inflight.get(k)
+            if ev is not None:
+                waits[k] = ev
+                continue
+            group = self._groups.get(k)
+            batch_load = load or (group.load if group is not None else None)
+            if batch_load is not None:
+                batches.setdefault(id(batch_load), (batch_load, []))[1].append(k)
+            elif (single := self._loaders.get(k)) is not None:
+                singles.append((k, single))
+            else:
+                skipped.add(k)
+        self.stats.refreshes += sum(len(b) for _, b in batches.values()) + len(singles)
+        if self._nursery is None:
+            # No background nursery (unit tests): fetch here, one after the other.
+            for batch_load, batch in batches.values():
+                ev = trio.Event()
+                for k in batch:
+                    self._inflight[k] = waits[k] = ev
+                await self._batch_flight(tuple(batch), batch_load, ev)
+            for k, single in singles:
+                ev = self._inflight[k] = waits[k] = trio.Event()
+                await self._flight(k, single, False, ev)
+        else:
+            for batch_load, batch in batches.values():
+                ev = self._start_batch(batch, batch_load)
+                waits.update(dict.fromkeys(batch, ev))
+            for k, single in singles:
+                waits[k] = self._start_flight(k, single, False)
+        with trio.move_on_after(give_up_after):
+            for ev in {id(ev): ev for ev in waits.values()}.values():
+                await ev.wait()
+        out: dict[Hashable, str] = {}
+        for k in wanted:
+            if k in skipped or k not in self._refs:
+                continue
+            if not waits[k].is_set() or k in self._errors:
+                out[k] = FAILED
+            else:
+                seen = self._seen.get(k)
+                old = before[k]
+                out[k] = CHANGED if old is not None and seen != old else FETCHED
+        return out
+
     # --- internals ----------------------------------------------------------------------------
+
+    def _bounded(self, ttl: float | None) -> float:
+        return self.ttl if ttl is None else min(max(ttl, 1e-3), self.max_stale)
 
     def _live(self, key: Hashable, now: float) -> _Entry | None:
         """The static entry of ``key`` if it is younger than max_stale; drops it if not."""
@@ -224,10 +365,35 @@ class SecretCache:
         if old is not None and old != seen and self._on_change is not None:
             self._on_change(key)
 
+    def _due(self, group: _Group, first: Hashable) -> list[Hashable]:
+        """``first`` and every other key of ``group`` that needs a fetch now: held, not in
+        flight, not backing off after a failure, and past its TTL (or without a value)."""
+        now = self._clock()
+        due = [first]
+        for k in group.keys:
+            if k == first or k not in self._refs or k in self._inflight or k in self._dynamic:
+                continue
+            if now < self._retry_at.get(k, -math.inf):
+                continue
+            entry = self._static.get(k)
+            if (
+                entry is None
+                or now >= entry.expires
+                or now - entry.fetched_at >= self._ttls.get(k, self.ttl)
+            ):
+                due.append(k)
+        return due
+
     def _refresh_soon(self, key: Hashable, load: Loader | None) -> None:
         if key in self._inflight or self._nursery is None:
             return
         if self._clock() < self._retry_at.get(key, -math.inf):
+            return
+        group = self._groups.get(key)
+        if group is not None:
+            keys = self._due(group, key)
+            self.stats.refreshes += len(keys)
+            self._start_batch(keys, group.load)
             return
         loader = load or self._loaders.get(key)
         if loader is None:
@@ -236,18 +402,30 @@ class SecretCache:
         self._start_flight(key, loader, False)
 
     async def _wait_flight(self, key: Hashable, load: Loader, dynamic: bool) -> None:
-        """Wait for the one fetch of ``key``, starting it if none is running.
+        """Wait for the one fetch of ``key``, starting it if none is running (with the other
+        due keys of its group, if it has one).
 
         The fetch runs in the cache's nursery, not in the caller, so a caller that gives up (its
         deadline passed) does not cancel the fetch for the others waiting on it.
         """
         ev = self._inflight.get(key)
         if ev is None:
-            if self._nursery is None:
+            group = None if dynamic else self._groups.get(key)
+            if group is not None:
+                keys = self._due(group, key)
+                if self._nursery is None:
+                    ev = trio.Event()
+                    for k in keys:
+                        self._inflight[k] = ev
+                    await self._batch_flight(tuple(keys), group.load, ev)
+                    return
+                ev = self._start_batch(keys, group.load)
+            elif self._nursery is None:
                 ev = self._inflight[key] = trio.Event()
                 await self._flight(key, load, dynamic, ev)
                 return
-            ev = self._start_flight(key, load, dynamic)
+            else:
+                ev = self._start_flight(key, load, dynamic)
         await ev.wait()
 
     def _start_flight(self, key: Hashable, load: Loader, dynamic: bool) -> trio.Event:
@@ -256,17 +434,27 @@ class SecretCache:
         self._nursery.start_soon(self._flight, key, load, dynamic, ev)
         return ev
 
+    def _start_batch(self, keys: Sequence[Hashable], load: BatchLoader) -> trio.Event:
+        """Mark ``keys`` in flight under one event and fetch them in the nursery."""
+        assert self._nursery is not None
+        ev = trio.Event()
+        for k in keys:
+            self._inflight[k] = ev
+        self._nursery.start_soon(self._batch_flight, tuple(keys), load, ev)
+        return ev
+
     async def _flight(self, key: Hashable, load: Loader, dynamic: bool, ev: trio.Event) -> None:
         self._loaders[key] = load
         try:
             value = await load()
-        except FetchError as exc:
-            self._record_failure(key, exc)
-        except Exception as exc:  # a loader bug must not kill the daemon
-            log_unexpected(log, "fetch failed unexpectedly")
-            self._record_failure(
-                key, FetchError("?", f"internal error ({type(exc).__name__})", transient=True)
-            )
+        except Exception as exc:
+            if not isinstance(exc, FetchError):  # a loader bug must not kill the daemon
+                log_unexpected(log, "fetch failed unexpectedly")
+                exc = FetchError("?", f"internal error ({type(exc).__name__})", transient=True)
+            if key in self._discard:  # released meanwhile: nobody wants it
+                self._discard.discard(key)
+            else:
+                self._record_failure(key, exc)
         else:
             if key in self._discard:
                 self._discard.discard(key)
@@ -276,7 +464,50 @@ class SecretCache:
             del self._inflight[key]
             ev.set()
 
-    def _record_failure(self, key: Hashable, exc: FetchError) -> None:
+    async def _batch_flight(
+        self, keys: tuple[Hashable, ...], load: BatchLoader, ev: trio.Event
+    ) -> None:
+        results: Mapping[Hashable, Fetched | FetchError] = {}
+        failure: FetchError | None = None
+        try:
+            results = await load(keys)
+        except FetchError as exc:
+            failure = exc
+        except Exception as exc:  # a loader bug must not kill the daemon
+            log_unexpected(log, "fetch failed unexpectedly")
+            failure = FetchError("?", f"internal error ({type(exc).__name__})", transient=True)
+        finally:
+            for k in keys:
+                if self._inflight.get(k) is ev:
+                    del self._inflight[k]
+            ev.set()
+        first: FetchError | None = None
+        failed = worst = 0
+        for k in keys:
+            result = failure or results.get(k)
+            if k in self._discard:  # released meanwhile: nobody wants it
+                self._discard.discard(k)
+                continue
+            if isinstance(result, Fetched):
+                self._store(k, result, False)
+                continue
+            if not isinstance(result, FetchError):
+                result = FetchError("?", "the provider returned nothing", transient=True)
+            worst = max(worst, self._record_failure(k, result, quiet=True))
+            failed += 1
+            first = first or result
+        if first is not None:
+            level = logging.INFO if worst < 3 else logging.WARNING
+            log.log(
+                level,
+                "fetch of %d of %d value(s) failed (%d in a row): %s",
+                failed,
+                len(keys),
+                worst,
+                first,
+            )
+
+    def _record_failure(self, key: Hashable, exc: FetchError, *, quiet: bool = False) -> int:
         self.stats.fetch_errors += 1
         self._errors[key] = exc
         n = self._failures[key] = self._failures[key] + 1
@@ -284,8 +515,10 @@ class SecretCache:
         if not exc.transient:
             # Deleted secret or revoked access: stop serving the old value now.
             self._static.pop(key, None)
-        level = logging.INFO if n < 3 else logging.WARNING
-        log.log(level, "fetch failed (%d in a row): %s", n, exc)
+        if not quiet:
+            level = logging.INFO if n < 3 else logging.WARNING
+            log.log(level, "fetch failed (%d in a row): %s", n, exc)
+        return n
 
 
 def _backoff(n: int) -> float:

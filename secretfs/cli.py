@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import stat
@@ -12,6 +13,13 @@ from collections.abc import Sequence
 
 from providers.base import ParameterError
 from secretfs.logs import setup_logging
+
+# The node daemon's control socket (secretfs daemon --socket; the chart's hostDir).
+DAEMON_SOCKET = "/run/secretfs/daemon.sock"
+# The extended attribute of a volume's directory that reloads the volume (secretfs/volumes.py).
+REFRESH_XATTR = "user.secretfs.refresh"
+# How long `secretfs refresh` waits for the daemon: a reload gives each volume up to 60 s.
+REFRESH_TIMEOUT = 90.0
 
 
 def _octal(text: str) -> int:
@@ -25,6 +33,18 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=86400.0,
         help="seconds a value may be served while its backend fails (86400); then EIO",
+    )
+    p.add_argument(
+        "--min-ttl",
+        type=float,
+        default=10.0,
+        help="lowest TTL a SecretProviderClass may set (annotation secretfs.io/ttl) (10)",
+    )
+    p.add_argument(
+        "--max-ttl",
+        type=float,
+        default=None,
+        help="highest TTL a SecretProviderClass may set (default: --max-stale)",
     )
     p.add_argument("--attr-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument(
@@ -77,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount a secretfs mount")
     u.add_argument("mountpoint")
 
+    r = sub.add_parser(
+        "refresh",
+        help="fetch a volume's values now, bypassing the TTL",
+        description="Fetch the values of a mounted directory (a standalone mount, or a CSI "
+        "volume's directory), or of volumes of the node daemon, now. Prints how many values were "
+        "fetched, changed and failed; exits 1 if any failed.",
+    )
+    r.add_argument("mountpoint", nargs="?", help="a secretfs mount or a CSI volume's directory")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--volume", help="a volume of the node daemon (its CSI volume id)")
+    which.add_argument("--all", action="store_true", help="every volume of the node daemon")
+    r.add_argument(
+        "--socket", default=DAEMON_SOCKET, help=f"the node daemon's socket ({DAEMON_SOCKET})"
+    )
+
     d = sub.add_parser("daemon", help="node daemon: serve the FUSE session the csi process mounts")
     _add_daemon_options(d)
     _add_log_options(d)
@@ -102,7 +137,7 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
         "--socket",
         "--daemon-socket",
         dest="daemon_socket",
-        default="/run/secretfs/daemon.sock",
+        default=DAEMON_SOCKET,
         help="control socket (owner-only) the csi process talks to",
     )
     _add_mount_options(p)
@@ -113,9 +148,7 @@ def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True
     p.add_argument("--nodeid", required=True, help="this node's name (NodeGetInfo)")
     p.add_argument("--drivername", default="secrets-store.csi.k8s.io")
     if with_daemon_socket:  # else these come with the daemon's options (secretfs node)
-        p.add_argument(
-            "--daemon-socket", default="/run/secretfs/daemon.sock", help="the daemon's socket"
-        )
+        p.add_argument("--daemon-socket", default=DAEMON_SOCKET, help="the daemon's socket")
         p.add_argument(
             "--lock-memory",
             action="store_true",
@@ -157,6 +190,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {p}", file=sys.stderr)
         return 1
     print(f"{args.spc}: provider {plan.provider}, {len(plan.files)} file(s)")
+    if plan.ttl is not None:
+        print(
+            f"  ttl: {plan.ttl:g} s (annotation {spc_mod.TTL_ANNOTATION}; a node keeps it within "
+            "its --min-ttl and --max-ttl)"
+        )
     width = max((len(f.path) for f in plan.files), default=4)
     print(f"  {'PATH':<{width}}  MODE        SOURCE")
     for f in plan.files:
@@ -184,6 +222,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         attr_timeout=args.attr_timeout,
         lock_memory=not args.no_mlock,
         revoke_leases=args.revoke_leases,
+        min_ttl=args.min_ttl,
+        max_ttl=args.max_ttl,
     )
 
     def ready(error: str | None) -> None:
@@ -226,6 +266,54 @@ def _mount_in_background(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """``secretfs refresh``: a directory through its extended attribute, or the daemon's socket."""
+    if (args.mountpoint is not None) + (args.volume is not None) + args.all != 1:
+        print("secretfs refresh: give a MOUNTPOINT, --volume ID or --all", file=sys.stderr)
+        return 2
+    if args.mountpoint is not None:
+        return _refresh_directory(args.mountpoint)
+    from secretfs import control
+
+    try:
+        counts = control.Client(args.socket).reload(args.volume, timeout=REFRESH_TIMEOUT)
+    except control.ControlError as exc:
+        print(f"secretfs refresh: {exc.message}", file=sys.stderr)
+        return 1
+    summary = " ".join(f"{k}={int(counts.get(k) or 0)}" for k in ("fetched", "changed", "failed"))
+    return _report_refresh(summary, int(counts.get("failed") or 0), "the daemon's log")
+
+
+def _refresh_directory(path: str) -> int:
+    try:
+        # The value of this attribute is the reload's summary; reading it is the request.
+        summary = os.getxattr(path, REFRESH_XATTR).decode("ascii", "replace")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+            why = "not a secretfs volume directory"
+        elif exc.errno == errno.EIO:
+            why = "the refresh failed (EIO); the secretfs daemon's log says why"
+        else:
+            why = exc.strerror or type(exc).__name__
+        print(f"secretfs refresh: {path}: {why}", file=sys.stderr)
+        return 1
+    fields = dict(part.partition("=")[::2] for part in summary.split())
+    failed = int(fields["failed"]) if fields.get("failed", "").isdigit() else 0
+    return _report_refresh(summary, failed, "the secretfs daemon's log")
+
+
+def _report_refresh(summary: str, failed: int, log_name: str) -> int:
+    print(summary)
+    if failed:
+        print(
+            f"secretfs refresh: {failed} value(s) could not be fetched; {log_name} says why (the "
+            "last good values are still served)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", args.mountpoint] if tool else ["umount", args.mountpoint]
@@ -240,9 +328,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import trio
 
     from secretfs import daemon
+    from secretfs.volumes import ttl_problem
 
-    if not 0 < args.ttl <= args.max_stale:
-        print("secretfs: need 0 < --ttl <= --max-stale", file=sys.stderr)
+    problem = ttl_problem(args.ttl, args.max_stale, args.min_ttl, args.max_ttl)
+    if problem:
+        print(f"secretfs: {problem}", file=sys.stderr)
         return 2
     opts = daemon.DaemonOptions(
         ttl=args.ttl,
@@ -250,6 +340,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         revoke_leases=args.revoke_leases,
         lock_memory=not args.no_mlock,
         attr_timeout=args.attr_timeout,
+        min_ttl=args.min_ttl,
+        max_ttl=args.max_ttl,
     )
     return trio.run(daemon.serve, args.daemon_socket, opts, lambda _: None)
 
@@ -279,6 +371,9 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     logs = ["--log-level", args.log_level, "--log-format", args.log_format]
     daemon = [*base, "daemon", "--socket", args.daemon_socket, *logs]
     daemon += ["--ttl", str(args.ttl), "--max-stale", str(args.max_stale)]
+    daemon += ["--min-ttl", str(args.min_ttl)]
+    if args.max_ttl is not None:
+        daemon += ["--max-ttl", str(args.max_ttl)]
     daemon += ["--attr-timeout", str(args.attr_timeout)]
     for flag, on in (
         ("--audit", args.audit),
@@ -346,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_mount(args)
     if args.command == "umount":
         return cmd_umount(args)
+    if args.command == "refresh":
+        return cmd_refresh(args)
     if args.command == "daemon":
         return cmd_daemon(args)
     if args.command == "csi":

@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MAX_FRAME = 1 << 20
@@ -128,6 +128,14 @@ class FrameReader:
             raise ControlError(INVALID_ARGUMENT, "control frame is not JSON") from None
         if not isinstance(msg, dict):
             raise ControlError(INVALID_ARGUMENT, "control frame is not a JSON object")
+        return msg
+
+    def pop(self) -> dict[str, Any] | None:
+        """``frame``, and drop it from the buffer (for a stream of frames)."""
+        msg = self.frame()
+        if msg is not None:
+            (size,) = _HEADER.unpack_from(self.buf)
+            self.buf = self.buf[_HEADER.size + size :]
         return msg
 
 
@@ -248,17 +256,24 @@ class Client:
     def export(self, volume_id: str) -> dict[str, Any]:
         return self.call("export", volume_id=volume_id)
 
-    def watch(self) -> None:
-        """Block until the daemon's process is gone (it never answers a watch)."""
+    def watch(self, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Block until the daemon's process is gone (it never answers a watch). With
+        ``on_event``, the daemon streams events on the watch (``{"touch": [path, ...]}``: files
+        whose content changed, to announce) and each is passed to it."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(self.path)
-                sock.sendall(encode({"op": "watch"}))
+                sock.sendall(encode({"op": "watch", "events": on_event is not None}))
                 sock.settimeout(None)
-                while sock.recv(4096):
-                    pass
+                reader = FrameReader()
+                while data := sock.recv(65536):
+                    if on_event is None:
+                        continue
+                    reader.feed(data)
+                    while (event := reader.pop()) is not None:
+                        on_event(event)
             except OSError as exc:
                 raise Unreachable(
                     f"the secretfs daemon is not reachable at {self.path}: "
@@ -286,8 +301,24 @@ class Client:
             timeout=timeout,
         )
 
-    def refresh(self, volume_id: str, tokens: dict[str, Any]) -> dict[str, Any]:
-        return self.call("refresh", volume_id=volume_id, tokens=tokens)
+    def refresh(
+        self,
+        volume_id: str,
+        tokens: dict[str, Any],
+        secrets: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """A republish: fresh tokens and the nodePublishSecretRef data as it is now (None: not
+        sent, the daemon keeps what it has). Data that changed makes the daemon fetch every
+        value with it before it answers: give it the time a publish has."""
+        args: dict[str, Any] = {"tokens": tokens}
+        if secrets is not None:
+            args["secrets"] = secrets
+        return self.call("refresh", volume_id=volume_id, timeout=timeout, **args)
+
+    def reload(self, volume_id: str | None, timeout: float = 60.0) -> dict[str, Any]:
+        """Fetch the volume's values now, bypassing the TTL: ``fetched``, ``changed``."""
+        return self.call("reload", volume_id=volume_id, timeout=timeout)
 
     def remove(self, volume_id: str) -> dict[str, Any]:
         return self.call("remove", volume_id=volume_id, timeout=30.0)

@@ -32,7 +32,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyfuse3
@@ -46,12 +46,14 @@ from secretfs.fs import ATTR_TIMEOUT, ROOT_INODE, SecretFS
 from secretfs.hardening import harden
 from secretfs.logs import log_unexpected
 from secretfs.standalone import fuse_options
-from secretfs.volumes import Volume, VolumeError, Volumes
+from secretfs.volumes import DEFAULT_MIN_TTL, Volume, VolumeError, Volumes
 
 log = logging.getLogger(__name__)
 
 # How long a connected client may take to send its request.
 REQUEST_DEADLINE = 10.0
+# Change announcements queued for a keeper that is slow to take them (then they are dropped).
+WATCH_BACKLOG = 1024
 # FetchError codes that mean "the backend refused this identity" (PERMISSION_DENIED).
 DENIED_CODES = frozenset({"AccessDenied", "PermissionDenied", "AuthFailed", "Forbidden"})
 # After SIGTERM, requests already being served get this long; what is left unanswered is resent
@@ -71,6 +73,9 @@ class DaemonOptions:
     revoke_leases: bool = False
     lock_memory: bool = True
     attr_timeout: float = ATTR_TIMEOUT
+    # Bounds of a SecretProviderClass's own TTL (secretfs.io/ttl); max_ttl None: max_stale.
+    min_ttl: float = DEFAULT_MIN_TTL
+    max_ttl: float | None = None
 
 
 def identity_from(d: Any) -> Identity:
@@ -128,6 +133,36 @@ class Daemon:
         self.init_reply = b""
         self.kernel_resend = False
         self._pending: set[str] = set()
+        # Keepers watching with events: changed files go to them to announce (the daemon never
+        # touches its own mount: secretfs/announce.py).
+        self._watchers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        fs.announcer = self._announce
+
+    def _announce(self, paths: list[str]) -> None:
+        for ch in list(self._watchers):
+            try:
+                ch.send_nowait({"touch": paths})
+            except trio.WouldBlock:
+                log.warning("the keeper is not taking change announcements; %d dropped", len(paths))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.discard(ch)
+
+    async def _stream_events(self, conn: trio.socket.SocketType) -> None:
+        """A keeper's watch with events: never answered, it carries announcements until one
+        side goes (EOF tells the keeper this daemon is gone)."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](WATCH_BACKLOG)
+        self._watchers.add(send)
+        try:
+            async with receive:
+                async for event in receive:
+                    data = control.encode(event)
+                    while data:
+                        data = data[await conn.send(data) :]
+        except OSError:
+            pass
+        finally:
+            self._watchers.discard(send)
+            send.close()
 
     # --- connections ---
 
@@ -148,6 +183,9 @@ class Daemon:
                         if not data:
                             return
                         reader.feed(data, anc)
+                if msg.get("op") == "watch" and msg.get("events"):
+                    await self._stream_events(conn)
+                    return
                 if msg.get("op") == "handback":
                     answer = {"ok": True, **self.handback()}
                     send_fds = [self.fuse_fd]
@@ -194,6 +232,8 @@ class Daemon:
         if op == "watch":
             # Never answered: the keeper learns that this generation is gone when it sees EOF.
             await trio.sleep_forever()
+        if op == "reload":
+            return await self.reload(msg.get("volume_id"))
         volume_id = str(msg.get("volume_id") or "")
         problem = control.check_volume_id(volume_id)
         if problem:
@@ -213,7 +253,7 @@ class Daemon:
                 raise ControlError(control.NOT_FOUND, f"volume {volume_id} is not published")
             return record_of(vol)
         if op == "refresh":
-            return self.refresh(volume_id, msg.get("tokens"))
+            return await self.refresh(volume_id, msg)
         if op == "remove":
             removed = await self.volumes.remove(volume_id)
             if removed:
@@ -281,7 +321,7 @@ class Daemon:
         if self.volumes.volumes:
             self.fs.invalidate_files()
             for vid in list(self.volumes.volumes):
-                self.nursery.start_soon(self.volumes.warm, vid)
+                self.nursery.start_soon(self._warm, vid)
         log.info(
             "serving the node FUSE connection: generation %d, %d volume(s)%s",
             generation,
@@ -293,6 +333,16 @@ class Daemon:
             "resent": resent,
             "next_inode": self.volumes.tree.next_inode,
         }
+
+    async def _warm(self, volume_id: str) -> None:
+        """Fetch a restored volume's values, then announce all its files once: this generation
+        cannot know whether a value changed while no daemon served, and a watcher that reloads
+        once too often loses nothing, while one that misses a change serves stale credentials."""
+        await self.volumes.warm(volume_id)
+        vol = self.volumes.volumes.get(volume_id)
+        if vol is not None:
+            files = {ino for path, ino in vol.inodes.items() if path and self.fs.tree.get(ino)}
+            self.fs.announce({i for i in files if not self.fs.tree[i].is_dir})
 
     def handback(self) -> dict[str, Any]:
         """Give a restarted keeper what it lost: the connection (its fd goes with the answer)."""
@@ -332,15 +382,31 @@ class Daemon:
         grace = TERM_GRACE if self.kernel_resend else TERM_GRACE_NO_RESEND
         self.nursery.cancel_scope.deadline = trio.current_time() + grace
 
+    async def reload(self, volume_id: Any) -> dict[str, Any]:
+        """Fetch a volume's values now (absent or "": every volume's), bypassing the TTL."""
+        vid = str(volume_id or "") or None
+        if vid is not None:
+            problem = control.check_volume_id(vid)
+            if problem:
+                raise ControlError(control.INVALID_ARGUMENT, problem)
+            if vid not in self.volumes.volumes:
+                raise ControlError(control.NOT_FOUND, f"volume {vid} is not published")
+        return await self.volumes.reload(vid)
+
     # --- volumes ---
 
     def _spc(self, msg: dict[str, Any], identity: Identity) -> spc_mod.SecretProviderClass:
         raw = msg.get("spc") or {}
+        try:
+            ttl = spc_mod.ttl_value(raw.get("ttl"))  # absent in records of older releases
+        except ValueError as exc:
+            raise ControlError(control.INVALID_ARGUMENT, f"spc: {exc}") from None
         return spc_mod.SecretProviderClass(
             name=str(raw.get("name", "")),
             namespace=identity.namespace,
             provider=str(raw.get("provider", "")),
             parameters={str(k): str(v) for k, v in (raw.get("parameters") or {}).items()},
+            ttl=ttl,
         )
 
     async def _plan(self, spc: spc_mod.SecretProviderClass, msg: dict[str, Any]) -> Plan:
@@ -430,29 +496,72 @@ class Daemon:
         vol.record = record
         return {"files": len(plan.files), "inodes": vol.inodes}
 
-    def refresh(self, volume_id: str, tokens: Any) -> dict[str, Any]:
+    async def refresh(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A republish: fresh ``tokens``, and the nodePublishSecretRef data as it is now
+        (``secrets``; absent: unchanged). Data that changes the identity key re-keys the volume:
+        every value is fetched with the new data first; if that fails, the volume keeps serving
+        the values it has and the answer says what failed (the kubelet republishes again)."""
         vol = self.volumes.volumes.get(volume_id)
         if vol is None:
             raise ControlError(control.NOT_FOUND, f"volume {volume_id} is not published")
+        tokens = msg.get("tokens")
         fresh = tokens_from(tokens)
+        raw = msg.get("secrets")
+        if raw is not None and not isinstance(raw, dict):
+            raise ControlError(control.INVALID_ARGUMENT, "refresh: secrets must be an object")
+        ident = vol.identity
         if fresh:
-            ident = vol.identity
-            self.volumes.refresh_identity(
-                volume_id,
-                Identity(
-                    namespace=ident.namespace,
-                    service_account=ident.service_account,
-                    pod_name=ident.pod_name,
-                    pod_uid=ident.pod_uid,
-                    tokens=fresh,
-                    secrets=ident.secrets,
-                    sa_annotations=ident.sa_annotations,
-                ),
+            # The tokens are renewed even if the new Secret data below cannot be used.
+            ident = replace(ident, tokens=fresh)
+            self.volumes.refresh_identity(volume_id, ident)
+            self._record_identity(vol, tokens=tokens)
+        answer: dict[str, Any] = {"tokens": len(fresh), "provider": vol.plan.provider}
+        if raw is None:
+            return answer
+        identity = replace(ident, secrets={str(k): str(v) for k, v in raw.items()})
+        if identity.key() == ident.key():
+            return answer
+        if volume_id in self._pending:
+            raise ControlError(control.ABORTED, f"volume {volume_id} is being changed already")
+        self._pending.add(volume_id)
+        try:
+            changed = await self.volumes.rekey(volume_id, identity)
+        except VolumeError as exc:
+            spc = vol.record.get("spc") or {}
+            code = classify(exc)
+            fix = (
+                "the kubelet retries at its next republish"
+                if code == control.UNAVAILABLE
+                else "fix the Secret's data or the backend's access for it; the kubelet retries "
+                "at its next republish"
             )
-            identity = vol.record.get("identity")
-            if isinstance(identity, dict):
-                identity["tokens"] = tokens
-        return {"tokens": len(fresh), "provider": vol.plan.provider}
+            message = (
+                f"volume {volume_id}: the data of its nodePublishSecretRef Secret changed and "
+                f"cannot fetch every object with it (SecretProviderClass {ident.namespace}/"
+                f"{spc.get('name', '?')}: {exc}); the volume keeps serving the values fetched "
+                f"with the previous data: {fix}"
+            )
+            log.warning("%s", message)
+            raise ControlError(code, message) from None
+        finally:
+            self._pending.discard(volume_id)
+        vol = self.volumes.volumes[volume_id]
+        self._record_identity(vol, secrets=dict(identity.secrets))
+        log.info(
+            "volume %s: nodePublishSecretRef data changed; now served with the new data "
+            "(%d of %d file(s) changed)",
+            volume_id,
+            changed,
+            len(vol.plan.files),
+        )
+        return {**answer, "rekeyed": True, "changed": changed}
+
+    @staticmethod
+    def _record_identity(vol: Volume, **fields: Any) -> None:
+        """Keep the record a restarted keeper gets back (``export``) up to date."""
+        identity = vol.record.get("identity")
+        if isinstance(identity, dict):
+            identity.update(fields)
 
 
 def record_request(msg: dict[str, Any]) -> dict[str, Any]:
@@ -511,7 +620,13 @@ async def serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon],
 
 
 async def _serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon], None]) -> int:
-    volumes = Volumes(ttl=opts.ttl, max_stale=opts.max_stale, revoke_leases=opts.revoke_leases)
+    volumes = Volumes(
+        ttl=opts.ttl,
+        max_stale=opts.max_stale,
+        revoke_leases=opts.revoke_leases,
+        min_ttl=opts.min_ttl,
+        max_ttl=opts.max_ttl,
+    )
     fs = SecretFS(volumes, attr_timeout=opts.attr_timeout)
     listener = trio.socket.from_stdlib_socket(_listen(socket_path))
     async with trio.open_nursery() as nursery:
@@ -530,8 +645,27 @@ async def _serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon]
                     daemon.terminate()
                     return
 
+        async def on_hangup(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            """SIGHUP: fetch every volume's values now (as ``secretfs refresh --all``)."""
+            with trio.open_signal_receiver(signal.SIGHUP) as signals:
+                task_status.started()
+                async for _ in signals:
+                    try:
+                        n = await volumes.reload(None)
+                    except Exception:  # a bug here must not end the daemon
+                        log_unexpected(log, "SIGHUP: the reload failed")
+                        continue
+                    log.info(
+                        "SIGHUP: reloaded %d volume(s): %d value(s) fetched, %d changed, %d failed",
+                        len(volumes.volumes),
+                        n["fetched"],
+                        n["changed"],
+                        n["failed"],
+                    )
+
         nursery.start_soon(accept_loop)
         nursery.start_soon(on_signal)
+        await nursery.start(on_hangup)  # installed before anyone is told we are ready
         log.info("control socket %s ready", socket_path)
         ready(daemon)
     # The volumes are not removed (no lease is revoked): the keeper gives them to the next

@@ -45,9 +45,13 @@ from secretfs.volumes import Rendered, Volumes
 log = logging.getLogger(__name__)
 audit = logging.getLogger("secretfs.audit")
 
-# The kernel may cache names and attributes this long; content changes are pushed to it by
-# invalidation, so this only bounds how long a stale size could survive a lost invalidation.
+# The kernel may cache names and directory attributes this long (they change only with volumes).
 ATTR_TIMEOUT = 60.0
+# A file's attributes are cached this long: a stat poller reaches the daemon at least this often,
+# and a getattr of a value past its TTL starts its refresh, so a poller that never reads sees a
+# new version (size, mtime) within TTL + this + the fetch. Changes are also pushed to the kernel
+# (invalidation, and the announcement's SETATTR answer).
+FILE_ATTR_TIMEOUT = 1.0
 # fh = inode << FH_SHIFT | a per-open counter: any generation can tell a handle's inode.
 FH_SHIFT = 32
 _FH_MASK = (1 << FH_SHIFT) - 1
@@ -94,11 +98,22 @@ class _Handle:
 
 
 class SecretFS(pyfuse3.Operations):
-    def __init__(self, volumes: Volumes, *, attr_timeout: float = ATTR_TIMEOUT) -> None:
+    def __init__(
+        self,
+        volumes: Volumes,
+        *,
+        attr_timeout: float = ATTR_TIMEOUT,
+        file_attr_timeout: float = FILE_ATTR_TIMEOUT,
+    ) -> None:
         super().__init__()
         self.volumes = volumes
         self.tree = volumes.tree
         self.attr_timeout = attr_timeout
+        self.file_attr_timeout = file_attr_timeout
+        # Told the paths (relative to the root) of files whose content changed; it makes the
+        # kernel send a time-only SETATTR for each (secretfs/announce.py). None: no announcements.
+        self.announcer: Callable[[list[str]], None] | None = None
+        self.announced = 0  # SETATTRs of announcements answered
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self.adopted = 0  # handles of an earlier daemon generation served by this one
@@ -106,6 +121,7 @@ class SecretFS(pyfuse3.Operations):
         self._nursery: trio.Nursery | None = None
         self._inval_limiter = trio.CapacityLimiter(1)
         volumes.on_inodes_changed.append(self.invalidate)
+        volumes.on_inodes_changed.append(self.announce)
 
     def start(self, nursery: trio.Nursery, generation: int = 1) -> None:
         """Kernel invalidations are sent from ``nursery`` (only once the filesystem is mounted).
@@ -149,6 +165,7 @@ class SecretFS(pyfuse3.Operations):
             a.st_size = 0
         else:
             a.st_nlink = 1
+            a.attr_timeout = min(self.attr_timeout, self.file_attr_timeout)
             a.st_size, mtime = self._size(node)
             if self._state(node.inode).reported is None:
                 # A size covering an older version still open: do not let the kernel keep it,
@@ -330,19 +347,59 @@ class SecretFS(pyfuse3.Operations):
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        self._node(inode)
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # user.secretfs.refresh of a volume's directory reloads it (Volumes.xattr); not listed.
+        value = await self.volumes.xattr(self._node(inode), name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._node(inode)
         return []
 
-    # Everything that would change the filesystem.
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = guarded(_erofs)
+    @guarded
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        """Only an announcement (secretfs/announce.py) gets here: every mount anyone can reach is
+        read-only, so the kernel refuses a SETATTR before sending it, except through the daemon's
+        private writable clone. Even so, accept a change of times only, and store nothing: the
+        answer is the file's own attributes (mtime = when its current version was first served),
+        which the kernel caches, and the kernel raises IN_ATTRIB for every watcher."""
+        node = self._node(inode)
+        if (
+            node.spec is None
+            or fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_size
+        ):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self.announced += 1
+        return await self._entry(node)
+
+    # Everything else that would change the filesystem.
+    mknod = mkdir = unlink = rmdir = symlink = rename = link = guarded(_erofs)
     write = create = setxattr = removexattr = guarded(_erofs)
 
-    # --- kernel cache invalidation ------------------------------------------------------------
+    # --- kernel cache invalidation and change announcements -----------------------------------
+
+    def announce(self, inodes: set[int]) -> None:
+        """Tell watchers that these files changed (IN_ATTRIB): the announcer touches them."""
+        if self.announcer is None or self._nursery is None:
+            return
+        paths = [p for p in map(self.tree.path, sorted(inodes)) if p]
+        if paths:
+            try:
+                self.announcer(paths)
+            except Exception:
+                log_unexpected(log, "announcing a change failed")
 
     def invalidate(self, inodes: set[int]) -> None:
         """Drop the kernel's cached attributes and pages of ``inodes`` (asynchronously)."""

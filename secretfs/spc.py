@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,24 @@ GROUP = "secrets-store.csi.x-k8s.io"
 API_VERSIONS = (f"{GROUP}/v1", f"{GROUP}/v1alpha1")
 KIND = "SecretProviderClass"
 
+# The class's own TTL: seconds ("300", "2.5") or a Go duration ("90s", "5m", "1h30m"). Each node
+# clamps it to its --min-ttl/--max-ttl.
+TTL_ANNOTATION = "secretfs.io/ttl"
+MAX_TTL_TEXT = 32  # characters: the parse is bounded whatever the annotation holds
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_DURATION = re.compile(r"(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
 
 class SpcError(ValueError):
     """The document is not a usable SecretProviderClass; the message says what to fix."""
@@ -27,6 +48,38 @@ class SecretProviderClass:
     namespace: str | None
     provider: str
     parameters: Mapping[str, str]
+    ttl: float | None = None  # seconds, from the annotation secretfs.io/ttl
+
+
+def parse_ttl(value: object) -> float:
+    """The seconds of a ``secretfs.io/ttl`` annotation; ValueError says what is wrong."""
+    example = 'give seconds ("300") or a duration such as "90s", "5m" or "1h30m"'
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string; quote the value in the YAML ({example})")
+    text = value.strip()
+    if not text or len(text) > MAX_TTL_TEXT:
+        raise ValueError(f"{limits.quote(value)} is not a TTL: {example}")
+    if _SECONDS.fullmatch(text):
+        seconds = float(text)
+    elif _DURATION.fullmatch(text):
+        seconds = sum(float(n) * _UNIT[u] for n, u in _DURATION_PART.findall(text))
+    else:
+        raise ValueError(f"{limits.quote(value)} is not a TTL: {example}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{limits.quote(value)} is not a TTL: it must be more than 0 seconds")
+    return seconds
+
+
+def ttl_value(value: object) -> float | None:
+    """A TTL as a control request carries it (seconds, None: none); ValueError if unusable."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"ttl {limits.quote(value)} is not a number of seconds")
+    seconds = parse_ttl(value) if isinstance(value, str) else float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"ttl {limits.quote(value)} is not a number of seconds above 0")
+    return seconds
 
 
 def from_object(obj: Any, source: str = "document") -> SecretProviderClass:
@@ -42,6 +95,13 @@ def from_object(obj: Any, source: str = "document") -> SecretProviderClass:
     meta = obj.get("metadata") or {}
     name = meta.get("name") if isinstance(meta, dict) else None
     namespace = meta.get("namespace") if isinstance(meta, dict) else None
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    ttl = None
+    if isinstance(annotations, dict) and TTL_ANNOTATION in annotations:
+        try:
+            ttl = parse_ttl(annotations[TTL_ANNOTATION])
+        except ValueError as exc:
+            problems.append(f"metadata.annotations[{TTL_ANNOTATION!r}]: {exc}")
     spec = obj.get("spec")
     if not isinstance(spec, dict):
         problems.append("spec is missing or not a mapping")
@@ -70,6 +130,7 @@ def from_object(obj: Any, source: str = "document") -> SecretProviderClass:
         namespace=str(namespace) if namespace else None,
         provider=provider,
         parameters=parameters,
+        ttl=ttl,
     )
 
 
@@ -128,4 +189,4 @@ def plan(
                 )
             ]
         )
-    return result
+    return result if spc.ttl is None else dataclasses.replace(result, ttl=spc.ttl)

@@ -14,14 +14,17 @@ import pyfuse3
 import trio
 
 from providers.base import AMBIENT, DEFAULT_MODE, ParameterError
+from secretfs import announce
 from secretfs import spc as spc_mod
 from secretfs.fs import ATTR_TIMEOUT, SecretFS
 from secretfs.hardening import harden
-from secretfs.volumes import VolumeError, Volumes
+from secretfs.volumes import DEFAULT_MIN_TTL, VolumeError, Volumes, ttl_problem
 
 log = logging.getLogger(__name__)
 
 STANDALONE_VOLUME = "standalone"
+# How often a mount with a private clone checks that it is still mounted (seconds).
+UNMOUNT_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -35,22 +38,26 @@ class MountOptions:
     attr_timeout: float = ATTR_TIMEOUT
     lock_memory: bool = True
     revoke_leases: bool = False
+    # Bounds of the class's own TTL (secretfs.io/ttl); max_ttl None: max_stale.
+    min_ttl: float = DEFAULT_MIN_TTL
+    max_ttl: float | None = None
 
     def check(self) -> None:
-        if not self.ttl > 0:
-            raise MountError(f"--ttl must be more than 0 seconds (got {self.ttl:g})")
-        if self.max_stale < self.ttl:
-            raise MountError(
-                f"--max-stale ({self.max_stale:g} s) must be at least --ttl ({self.ttl:g} s)"
-            )
+        problem = ttl_problem(self.ttl, self.max_stale, self.min_ttl, self.max_ttl)
+        if problem:
+            raise MountError(problem)
 
 
 class MountError(Exception):
     """The mount did not happen; the message tells the user why."""
 
 
-def fuse_options(allow_other: bool, fsname: str = "secretfs") -> set[str]:
-    opts = {f"fsname={fsname}", "subtype=secretfs", "ro", "nosuid", "nodev"}
+def fuse_options(allow_other: bool, fsname: str = "secretfs", *, ro: bool = True) -> set[str]:
+    """Options of a secretfs mount. ``ro=False`` only for a mount that is made read-only right
+    after, once a private writable clone for change announcements exists (``announce``)."""
+    opts = {f"fsname={fsname}", "subtype=secretfs", "nosuid", "nodev"}
+    if ro:
+        opts.add("ro")
     opts |= set(pyfuse3.default_options)  # default_permissions: the kernel enforces modes
     if allow_other:
         opts.add("allow_other")
@@ -100,6 +107,44 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"{path} is already a mount point; unmount it first")
 
 
+async def _close_when_unmounted(mountpoint: str, clone: announce.Clone) -> None:
+    """The clone keeps the filesystem alive: once someone unmounts ``mountpoint`` (``secretfs
+    umount``, ``umount``), close it, so the kernel ends the session and ``main()`` returns."""
+    while True:
+        await trio.sleep(UNMOUNT_POLL)
+        if _mount_type(mountpoint) != "fuse.secretfs":
+            break
+    log.info("%s was unmounted", mountpoint)
+    clone.close()
+
+
+def _child_announcer(nursery: trio.Nursery, clone: announce.Clone) -> Callable[[list[str]], None]:
+    """Announce through ``touch`` in a child process that holds only the clone's fd (never a
+    thread of this process: see secretfs/announce.py)."""
+    limiter = trio.CapacityLimiter(1)
+
+    async def run_touch(paths: list[str]) -> None:
+        async with limiter:
+            fd = clone.fd
+            if fd is None:
+                return
+            with trio.move_on_after(30):
+                result = await trio.run_process(
+                    announce.touch_command(fd, paths),
+                    pass_fds=(fd,),
+                    check=False,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                )
+                if result.returncode != 0:
+                    log.warning("announcing %d changed file(s) failed", len(paths))
+
+    def announcer(paths: list[str]) -> None:
+        nursery.start_soon(run_touch, paths)
+
+    return announcer
+
+
 async def run(
     spc_path: str,
     mountpoint: str,
@@ -117,7 +162,13 @@ async def run(
         return 1
     hardened = harden(opts.lock_memory)
     log.info("process hardening: %s", hardened)
-    volumes = Volumes(ttl=opts.ttl, max_stale=opts.max_stale, revoke_leases=opts.revoke_leases)
+    volumes = Volumes(
+        ttl=opts.ttl,
+        max_stale=opts.max_stale,
+        revoke_leases=opts.revoke_leases,
+        min_ttl=opts.min_ttl,
+        max_ttl=opts.max_ttl,
+    )
     terminated = False
     async with trio.open_nursery() as nursery:
         volumes.start(nursery)
@@ -131,12 +182,32 @@ async def run(
             return 1
         fs = fs_factory(volumes)
         fs.attr_timeout = opts.attr_timeout
+        # As root, mount writable, keep a private writable clone for change announcements and
+        # make the mount itself read-only; without privilege, a plain read-only mount.
+        privileged = os.geteuid() == 0
         try:
-            pyfuse3.init(fs, mountpoint, fuse_options(opts.allow_other))
+            pyfuse3.init(fs, mountpoint, fuse_options(opts.allow_other, ro=not privileged))
         except RuntimeError as exc:
             ready(f"cannot mount {mountpoint}: {exc}")
             nursery.cancel_scope.cancel()
             return 1
+        clone = None
+        if privileged:
+            try:
+                fd, why = announce.announcing(mountpoint)
+            except OSError as exc:
+                ready(f"cannot mount {mountpoint}: {exc.strerror}")
+                nursery.cancel_scope.cancel()
+                pyfuse3.close(unmount=True)
+                return 1
+            if fd is None:
+                log.warning("no change announcements (inotify events): %s", why)
+            else:
+                clone = announce.Clone(fd)
+        else:
+            log.info("no change announcements (inotify events): they need a mount made by root")
+        if clone is not None:
+            fs.announcer = _child_announcer(nursery, clone)
         fs.start(nursery)
         log.info("mounted %s (%d files)", mountpoint, len(plan.files))
         ready(None)
@@ -150,10 +221,15 @@ async def run(
                     return
 
         nursery.start_soon(on_signal)
+        if clone is not None:
+            where = os.path.abspath(mountpoint)  # noqa: ASYNC240 (getcwd, no file I/O)
+            nursery.start_soon(_close_when_unmounted, where, clone)
         try:
             await pyfuse3.main()
         finally:
             nursery.cancel_scope.cancel()
+            if clone is not None:
+                clone.close()
             # After an external umount the kernel side is already gone.
             pyfuse3.close(unmount=terminated)
             with trio.CancelScope(shield=True):

@@ -87,6 +87,20 @@ class Tree:
     def inodes_for(self, key: Hashable) -> set[int]:
         return self.by_key.get(key, set())
 
+    def rekey(self, keys: Mapping[int, Hashable]) -> None:
+        """Give files other cache keys (inode -> new key): a volume served under another
+        identity. Same nodes, same numbers; only what ``inodes_for`` answers changes."""
+        for ino, key in keys.items():
+            node = self.nodes[ino]
+            assert node.spec is not None, "only files have keys"
+            old = self.by_key.get(node.key)
+            if old is not None:
+                old.discard(ino)
+                if not old:
+                    del self.by_key[node.key]
+            node.key = key
+            self.by_key.setdefault(key, set()).add(ino)
+
     def add_volume(
         self,
         volume: str,
@@ -171,6 +185,15 @@ class Tree:
         if root.volume == volume:
             root.volume = None
         return removed
+
+    def path(self, inode: int) -> str:
+        """The path of ``inode`` relative to the root ("" for the root or an unknown inode)."""
+        names = []
+        node = self.nodes.get(inode)
+        while node is not None and node.inode != ROOT_INODE:
+            names.append(node.name.decode("utf-8", "surrogateescape"))
+            node = self.nodes.get(node.parent)
+        return "/".join(reversed(names)) if node is not None else ""
 
     def walk(self, inode: int = ROOT_INODE) -> Iterator[Node]:
         node = self.nodes[inode]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import pytest
 import trio
@@ -207,3 +207,191 @@ async def test_values_at_max_stale_leave_memory(mock_clock: trio.testing.MockClo
     assert cache.fresh("c") is None and cache.peek("c") == V1  # stale, still served
     mock_clock.jump(10)
     assert len(cache) == 0 and cache.peek("d") is None
+
+
+# --- TTL per key, refresh groups, on-demand refresh --------------------------------------------
+
+
+class Batch:
+    """A group loader a test scripts: ``answers`` per key (bytes, or a FetchError); records every
+    call's keys."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.answers: dict[Hashable, bytes | FetchError] = {}
+        self.calls: list[tuple[Hashable, ...]] = []
+        self.delay = delay
+        self.versions = 0
+
+    async def __call__(self, keys: Sequence[Hashable]) -> dict[Hashable, Fetched | FetchError]:
+        self.calls.append(tuple(keys))
+        if self.delay:
+            await trio.sleep(self.delay)
+        self.versions += 1
+        out: dict[Hashable, Fetched | FetchError] = {}
+        for k in keys:
+            a = self.answers.get(k, b"same")
+            out[k] = a if isinstance(a, FetchError) else Fetched(a, f"v-{a.decode()}")
+        return out
+
+
+def held(cache: SecretCache, keys: Sequence[Hashable], value: Fetched = V1) -> None:
+    cache.retain(keys)
+    for k in keys:
+        cache.put(k, value)
+
+
+async def test_a_key_has_the_shortest_ttl_of_its_holders(autojump_clock: trio.abc.Clock) -> None:
+    cache = SecretCache(ttl=100, max_stale=1000)
+    cache.retain(["k"], 30)
+    cache.retain(["k"])  # the default, 100
+    cache.put("k", V1)
+    assert cache.ttl_of("k") == 30 and cache.ttl_of("other") == 100
+    await trio.sleep(31)
+    assert cache.fresh("k") is None  # past the shorter TTL while both hold it
+    cache.release(["k"], 30)
+    assert cache.ttl_of("k") == 100 and cache.fresh("k") == V1
+    assert cache.fresh("k", ttl=20) is None  # a publish asking for less sees it as stale
+    cache.retain(["k"], 5000)  # never past max_stale
+    assert cache.ttl_of("k") == 100
+    cache.release(["k"], 5000)
+    cache.release(["k"])
+    assert cache.ttl_of("k") == 100 and cache.peek("k") is None
+
+
+async def test_a_due_key_refreshes_its_whole_group_in_one_call(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    keys = [f"p{i}" for i in range(12)]
+    batch = Batch(delay=1)
+    single = Loader(V2)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=1000)
+        cache.start(n)
+        held(cache, keys[:11])
+        cache.retain([keys[11]])  # held but never fetched: due as well
+        cache.group(keys, batch)
+        await trio.sleep(11)
+        batch.answers["p3"] = b"new"
+        assert await cache.get("p0", single) == V1  # stale: served, and the batch starts
+        # Every key of the batch is in flight: a reader of one waits for it, nobody fetches twice.
+        assert (await cache.get("p11", single)).data == b"same"
+        assert (await cache.get("p3", single)).data == b"new"
+        assert single.calls == 0 and batch.calls == [tuple(keys)]
+        assert cache.fresh("p7") is not None
+        n.cancel_scope.cancel()
+
+
+async def test_a_batch_takes_only_due_keys(autojump_clock: trio.abc.Clock) -> None:
+    batch = Batch()
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=1000)
+        cache.start(n)
+        held(cache, ["old", "backoff", "young"])
+        cache.group(["old", "backoff", "young", "dyn"], batch)
+        cache.retain(["dyn"])
+        cache.put("dyn", V1, dynamic=True)
+        await trio.sleep(8)
+        cache.put("young", V1)  # fetched again 8 s later: fresh when the others are due
+        await trio.sleep(2.5)
+        cache._record_failure("backoff", DOWN)  # just failed: backing off
+        cache.peek("old")
+        await trio.sleep(0.1)
+        assert batch.calls == [("old",)]
+        n.cancel_scope.cancel()
+
+
+async def test_batch_results_are_handled_per_key(autojump_clock: trio.abc.Clock) -> None:
+    batch = Batch()
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=1000)
+        cache.start(n)
+        held(cache, ["ok", "down", "gone"])
+        cache.group(["ok", "down", "gone"], batch)
+        batch.answers.update({"ok": b"new", "down": DOWN, "gone": GONE})
+        await trio.sleep(11)
+        cache.peek("ok")
+        await trio.sleep(0.1)
+        assert len(batch.calls) == 1
+        assert cache.peek("ok").data == b"new"  # type: ignore[union-attr]
+        assert cache.peek("down") == V1  # an outage: the old value is still served
+        assert cache.peek("gone") is None  # a permanent answer: dropped at once
+        # A reader of the dropped one fetches it again, through its group (alone: the others
+        # are fresh or backing off).
+        with pytest.raises(FetchError, match="not found"):
+            await cache.get("gone", Loader(GONE))
+        assert batch.calls[1:] == [("gone",)]
+        cache.peek("down")  # backing off: no fetch
+        await trio.sleep(0.1)
+        assert len(batch.calls) == 2
+        n.cancel_scope.cancel()
+
+
+async def test_a_batch_loader_failure_fails_every_key(autojump_clock: trio.abc.Clock) -> None:
+    async def broken(keys: Sequence[Hashable]) -> dict[Hashable, Fetched | FetchError]:
+        raise DOWN
+
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=1000)
+        cache.start(n)
+        held(cache, ["a", "b"])
+        cache.group(["a", "b"], broken)
+        await trio.sleep(11)
+        cache.peek("a")
+        await trio.sleep(0.1)
+        assert cache.peek("a") == V1 and cache.peek("b") == V1
+        assert cache._errors.keys() == {"a", "b"} and cache.stats.fetch_errors == 2
+        n.cancel_scope.cancel()
+
+
+async def test_a_key_released_during_its_batch_is_not_stored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    batch = Batch(delay=1)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=10, max_stale=1000)
+        cache.start(n)
+        held(cache, ["a", "b"])
+        cache.group(["a", "b"], batch)
+        await trio.sleep(11)
+        cache.peek("a")
+        cache.release(["b"])
+        await trio.sleep(2)
+        assert "b" not in cache._static and "b" not in cache._discard
+        assert cache.fresh("a") is not None
+        n.cancel_scope.cancel()
+
+
+async def test_on_demand_refresh(autojump_clock: trio.abc.Clock) -> None:
+    batch = Batch(delay=1)
+    async with trio.open_nursery() as n:
+        cache = SecretCache(ttl=100, max_stale=1000)
+        cache.start(n)
+        held(cache, ["a", "b", "c"], Fetched(b"same", "v-same"))
+        cache.retain(["d"])
+        cache.put("d", V1, dynamic=True)
+        cache.group(["a", "b", "c"], batch)
+        cache._record_failure("c", DOWN)  # backing off: an explicit refresh goes anyway
+        batch.answers["b"] = b"new"
+        out = await cache.refresh(["a", "b", "c", "d", "not-held"])
+        # Fresh values fetched all the same, in one call; the dynamic one left alone.
+        assert out == {"a": "fetched", "b": "changed", "c": "fetched"}
+        assert batch.calls == [("a", "b", "c")]
+        # A refresh while a fetch is in flight waits for it instead of fetching again.
+        batch.answers.update({"a": b"newer", "c": DOWN})
+        results: list[dict[Hashable, str]] = []
+
+        async def refresh() -> None:
+            results.append(await cache.refresh(["a", "c"]))
+
+        n.start_soon(refresh)
+        n.start_soon(refresh)
+        await trio.sleep(2)
+        assert len(batch.calls) == 2
+        assert results == [{"a": "changed", "c": "failed"}] * 2
+        # With an explicit loader, and a time limit.
+        slow = Batch(delay=50)
+        out = await cache.refresh(["a", "b"], slow, give_up_after=5)
+        assert out == {"a": "failed", "b": "failed"} and slow.calls == [("a", "b")]
+        await trio.sleep(50)
+        assert cache.peek("a").data == b"same"  # type: ignore[union-attr]
+        n.cancel_scope.cancel()

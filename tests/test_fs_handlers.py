@@ -6,6 +6,8 @@ import errno
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -118,10 +120,22 @@ async def test_open_for_writing_is_erofs(fs: SecretFS, flags: int) -> None:
     assert exc.value.errno == errno.EROFS
 
 
+def setattr_fields(**set: bool) -> Any:
+    """What pyfuse3 passes as SetattrFields (its attributes cannot be set from Python)."""
+    names = ("atime", "mtime", "ctime", "mode", "uid", "gid", "size")
+    return SimpleNamespace(**{f"update_{n}": False for n in names} | set)
+
+
 async def test_every_write_handler_is_erofs(fs: SecretFS) -> None:
     db = await ino(fs, "db")
+    changes = [
+        setattr_fields(update_mtime=True, **{name: True})
+        for name in ("update_mode", "update_uid", "update_gid", "update_size")
+    ]
+    times = setattr_fields(update_atime=True, update_mtime=True)
     calls = [
-        fs.setattr(db, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None, CTX),
+        *(fs.setattr(db, pyfuse3.EntryAttributes(), f, None, CTX) for f in changes),
+        fs.setattr(await ino(fs, "app"), pyfuse3.EntryAttributes(), times, None, CTX),
         fs.mknod(ROOT_INODE, b"n", 0o644, 0, CTX),
         fs.mkdir(ROOT_INODE, b"d", 0o755, CTX),
         fs.unlink(ROOT_INODE, b"db", CTX),
@@ -138,6 +152,20 @@ async def test_every_write_handler_is_erofs(fs: SecretFS) -> None:
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await call
         assert exc.value.errno == errno.EROFS
+
+
+async def test_a_time_only_setattr_answers_the_files_own_attributes(fs: SecretFS) -> None:
+    """What an announcement's touch sends (secretfs/announce.py): nothing is stored, the answer
+    is the file's own attributes."""
+    db = await ino(fs, "db")
+    before = await fs.getattr(db, CTX)
+    times = setattr_fields(update_atime=True, update_mtime=True)
+    wanted = pyfuse3.EntryAttributes()
+    wanted.st_mtime_ns = wanted.st_atime_ns = 12345
+    after = await fs.setattr(db, wanted, times, None, CTX)
+    assert after.st_mtime_ns == before.st_mtime_ns != 12345
+    assert (after.st_size, after.st_mode) == (before.st_size, before.st_mode)
+    assert fs.announced == 1
 
 
 async def test_open_a_directory_or_missing_inode(fs: SecretFS) -> None:

@@ -153,18 +153,22 @@ def test_kill_9_at_random_moments_with_reads_in_flight(
     (target,) = published(node, tmp_path)
     rng = random.Random(9)
     r = reader(tmp_path, target, threads=4)
+    slowest = 0.0  # the longest a restart took to start a daemon (grows with the machine's load)
     try:
         for _ in range(20):
             # A random moment: sometimes while the previous takeover is still under way.
             time.sleep(rng.uniform(0.0, 1.2))
+            began = time.monotonic()
             restart_daemon(node)
+            slowest = max(slowest, time.monotonic() - began)
         assert wait_for(lambda: generation(node) > 1, timeout=20)
         time.sleep(0.5)
     finally:
         summary = r.finish()
     # A kill can land before the previous daemon took over: a read then waits through both
-    # restarts. The guarantee is "bounded by the restarts", so two of them here.
-    assert_clean(summary, 2 * MAX_STALL)
+    # restarts. The guarantee is "bounded by the restarts", so two of them here, each as slow as
+    # the slowest daemon start seen (on a loaded machine, starting Python takes seconds).
+    assert_clean(summary, 2 * (MAX_STALL + slowest))
     logs = node.log("daemon")
     assert "unanswered requests resent" in logs
     assert int(metric(node, "secretfs_takeovers_total")) >= 10

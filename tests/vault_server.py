@@ -8,6 +8,7 @@ Start it with :func:`run_vault_server` (a context manager)::
         vault.put_kv2("secret", "app", {"password": "s3cret"})                 # -> version 1
         vault.put_kv1("kv", "app", {"user": "me"})
         vault.add_db_role("database", "app", ttl=3600)    # GET database/creds/app: new creds each
+        vault.add_db_role("database", "short", ttl=3, max_ttl=5)  # renewals capped at 5 s of age
         vault.add_pki_role("pki", "web", generate_lease=True)   # PUT/POST pki/issue/web
         vault.add_token("root", policies=["*"])           # a token for standalone-mode tests
         vault.grant("app", "sys/leases/revoke")           # extend a role's policy (live)
@@ -16,6 +17,7 @@ Start it with :func:`run_vault_server` (a context manager)::
         vault.revoke_token(token); vault.advance(seconds)  # token/lease expiry on a test clock
         vault.calls["GET secret/data/app"], vault.requests[-1].namespace   # what was asked
         vault.logins, vault.issued_leases, vault.renewed_leases, vault.revoked_leases
+        vault.issued_at[lease], vault.revoked_at[lease], vault.issued_data[lease]  # server clock
 
     tls = make_tls(tmp_path, client_auth=True)            # trustme CA, server + client certs
     with run_vault_server(tls=tls) as vault:              # https://127.0.0.1:<port>
@@ -28,8 +30,11 @@ Vault's default policy; ``sys/leases/revoke`` must be granted), ``X-Vault-Namesp
 tokens, mounts and data live in a namespace), KV v1 (GET, LIST) and KV v2 (``data/<path>``,
 ``?version=N``), database-style ``creds/<role>`` and PKI-style ``issue/<role>`` endpoints that
 answer new material on every call, ``sys/leases/renew`` / ``sys/leases/revoke``,
-``auth/token/renew-self``. Leases die when they expire or their token does (as in Vault). Error
-bodies are Vault's ``{"errors": [...]}``.
+``auth/token/renew-self``. Leases die when they expire or their token does (as in Vault). A
+database role's ``max_ttl`` (default: Vault's system maximum, 32 days) caps renewals as Vault
+does: ``sys/leases/renew`` grants ``min(increment, max_ttl - age)`` seconds (truncated, with
+Vault's "capped" warning), and past ``max_ttl`` the lease is gone (400 ``lease not found or lease
+is not renewable``). Error bodies are Vault's ``{"errors": [...]}``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trustme
+
+# Vault's default system max TTL (768h): what caps a lease whose role sets no max_ttl.
+SYSTEM_MAX_TTL = 32 * 86400
 
 # --- TLS ------------------------------------------------------------------------------------------
 
@@ -119,6 +127,8 @@ class LeaseInfo:
     ttl: int
     renewable: bool
     expires: float
+    issued: float = 0.0
+    max_ttl: int = SYSTEM_MAX_TTL
 
 
 @dataclass
@@ -164,7 +174,7 @@ class VaultTestServer:
         self.kv1: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.kv2: dict[tuple[str, str, str], list[tuple[dict[str, Any], str]]] = {}
         self.kv2_custom: dict[tuple[str, str, str], dict[str, str] | None] = {}
-        self.db_roles: dict[tuple[str, str, str], tuple[int, bool]] = {}
+        self.db_roles: dict[tuple[str, str, str], tuple[int, bool, int]] = {}  # ttl, renew, max
         self.pki_roles: dict[tuple[str, str, str], tuple[int, bool]] = {}
         self.leases: dict[str, LeaseInfo] = {}
         self.calls: Counter[str] = Counter()
@@ -173,6 +183,10 @@ class VaultTestServer:
         self.issued_leases: list[str] = []
         self.renewed_leases: list[str] = []
         self.revoked_leases: list[str] = []
+        # Server-clock times of each lease's issue and revocation, and the data it was issued with.
+        self.issued_at: dict[str, float] = {}
+        self.revoked_at: dict[str, float] = {}
+        self.issued_data: dict[str, dict[str, Any]] = {}
         self.renewed_tokens: list[str] = []
         self._injected: list[_Injected] = []
         self.server_errors: list[str] = []
@@ -243,11 +257,21 @@ class VaultTestServer:
             return len(versions)
 
     def add_db_role(
-        self, mount: str, role: str, *, ttl: int = 3600, renewable: bool = True, namespace: str = ""
+        self,
+        mount: str,
+        role: str,
+        *,
+        ttl: int = 3600,
+        renewable: bool = True,
+        max_ttl: int = 0,
+        namespace: str = "",
     ) -> None:
+        """``max_ttl`` 0: the system maximum. Vault refuses a role whose ttl exceeds its max_ttl."""
+        max_ttl = max_ttl or SYSTEM_MAX_TTL
+        assert ttl <= max_ttl, "ttl cannot be greater than max_ttl"
         with self.lock:
             self.mounts.setdefault((namespace, mount), "database")
-            self.db_roles[(namespace, mount, role)] = (ttl, renewable)
+            self.db_roles[(namespace, mount, role)] = (ttl, renewable, max_ttl)
 
     def add_pki_role(
         self,
@@ -303,10 +327,21 @@ class VaultTestServer:
                 return inj
         return None
 
-    def _new_lease(self, path: str, token: str, ttl: int, renewable: bool) -> str:
+    def _new_lease(
+        self,
+        path: str,
+        token: str,
+        ttl: int,
+        renewable: bool,
+        data: dict[str, Any],
+        max_ttl: int = SYSTEM_MAX_TTL,
+    ) -> str:
         lease_id = f"{path}/{secrets.token_urlsafe(12)}"
-        self.leases[lease_id] = LeaseInfo(path, token, ttl, renewable, self.now() + ttl)
+        now = self.now()
+        self.leases[lease_id] = LeaseInfo(path, token, ttl, renewable, now + ttl, now, max_ttl)
         self.issued_leases.append(lease_id)
+        self.issued_at[lease_id] = now
+        self.issued_data[lease_id] = data
         return lease_id
 
     # --- request handling (under self.lock) -------------------------------------------------------
@@ -331,6 +366,7 @@ class VaultTestServer:
             lease_id = str((rec.body or {}).get("lease_id", ""))
             if self.leases.pop(lease_id, None) is not None:
                 self.revoked_leases.append(lease_id)
+                self.revoked_at[lease_id] = self.now()
             return 204, None
         for (mns, mount), kind in sorted(self.mounts.items(), key=lambda m: -len(m[0][1])):
             if mns == ns and (path == mount or path.startswith(mount + "/")):
@@ -345,6 +381,7 @@ class VaultTestServer:
         ttl: int = 0,
         renewable: bool = False,
         auth: Any = None,
+        warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         return {
             "request_id": _uid(),
@@ -353,7 +390,7 @@ class VaultTestServer:
             "lease_duration": ttl,
             "data": data,
             "wrap_info": None,
-            "warnings": None,
+            "warnings": warnings,
             "auth": auth,
         }
 
@@ -408,14 +445,26 @@ class VaultTestServer:
         body = body if isinstance(body, dict) else {}
         lease_id = str(body.get("lease_id") or "")
         lease = self._lease(lease_id)
-        if lease is None:
-            raise VaultError(400, "lease not found")
+        if lease is None:  # expired (past its TTL or max_ttl), revoked, or never issued
+            raise VaultError(400, "lease not found or lease is not renewable")
         if not lease.renewable:
             raise VaultError(400, "lease is not renewable")
         inc = int(body.get("increment") or lease.ttl)
-        lease.expires = self.now() + inc
+        now = self.now()
+        left = lease.issued + lease.max_ttl - now
+        warnings = None
+        if inc > left:  # Vault caps the TTL at what max_ttl leaves and says so
+            warnings = [
+                f'TTL of "{inc}s" exceeded the effective max_ttl of "{int(left)}s"; TTL value '
+                "is capped accordingly"
+            ]
+            lease.expires, granted = now + left, int(left)
+        else:
+            lease.expires, granted = now + inc, inc
         self.renewed_leases.append(lease_id)
-        return self._response(None, lease_id=lease_id, ttl=inc, renewable=True)
+        return self._response(
+            None, lease_id=lease_id, ttl=granted, renewable=True, warnings=warnings
+        )
 
     def _engine(
         self, kind: str, ns: str, mount: str, rest: str, rec: Recorded, token: str
@@ -466,19 +515,21 @@ class VaultTestServer:
             spec = self.db_roles.get((ns, mount, role))
             if spec is None:
                 raise VaultError(400, f"unknown role: {role}")
-            ttl, renewable = spec
-            lease_id = self._new_lease(f"{mount}/creds/{role}", token, ttl, renewable)
+            ttl, renewable, max_ttl = spec
             data = {
                 "username": f"v-k8s-{role}-{secrets.token_hex(6)}",
                 "password": secrets.token_urlsafe(15),
             }
+            lease_id = self._new_lease(
+                f"{mount}/creds/{role}", token, ttl, renewable, data, max_ttl
+            )
             return 200, self._response(data, lease_id=lease_id, ttl=ttl, renewable=renewable)
         # pki
         role = rest.removeprefix("issue/")
         if not rest.startswith("issue/") or m not in ("PUT", "POST"):
             raise VaultError(405, "unsupported operation")
-        spec = self.pki_roles.get((ns, mount, role))
-        if spec is None:
+        pki = self.pki_roles.get((ns, mount, role))
+        if pki is None:
             raise VaultError(400, f"unknown role: {role}")
         body = rec.body if isinstance(rec.body, dict) else {}
         if not body.get("common_name"):
@@ -488,7 +539,7 @@ class VaultTestServer:
                 'CSR with "use_csr_common_name" set to true, unless "require_cn" '
                 "is set to false",
             )
-        ttl, lease = spec
+        ttl, lease = pki
 
         def pem(kind: str) -> str:
             blob = base64.b64encode(secrets.token_bytes(48) + body["common_name"].encode())
@@ -504,7 +555,9 @@ class VaultTestServer:
             "serial_number": ":".join(secrets.token_hex(1) for _ in range(16)),
             "expiration": int(time.time()) + ttl,
         }
-        lease_id = self._new_lease(f"{mount}/issue/{role}", token, ttl, False) if lease else ""
+        lease_id = (
+            self._new_lease(f"{mount}/issue/{role}", token, ttl, False, data) if lease else ""
+        )
         return 200, self._response(data, lease_id=lease_id, ttl=ttl if lease else 0)
 
 
