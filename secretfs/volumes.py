@@ -544,7 +544,9 @@ class Volumes:
         )
         return dict(results)
 
-    async def _fetch_one(self, vol: Volume, spec: FileSpec) -> Fetched:
+    async def _fetch_source(self, vol: Volume, spec: FileSpec) -> Fetched:
+        """The value of ``spec``'s source, or FetchError (a provider bug becomes a transient
+        one: the message names the exception type only)."""
         try:
             result = (await self._fetch(vol, [spec.source])).get(spec.source)
         except FetchError:
@@ -554,14 +556,18 @@ class Volumes:
             raise FetchError(
                 spec.object_name, f"provider error ({type(exc).__name__})", transient=True
             ) from None
-        if isinstance(result, Fetched):
-            if result.lease is not None:
-                self._warn_static_lease(vol, spec.source, spec.dynamic)
-                self._record_lease(vol, vol.keys[spec], result.lease)
-            return result
         if isinstance(result, FetchError):
             raise result
-        raise FetchError(spec.object_name, "the provider returned nothing", transient=True)
+        if not isinstance(result, Fetched):
+            raise FetchError(spec.object_name, "the provider returned nothing", transient=True)
+        return result
+
+    async def _fetch_one(self, vol: Volume, spec: FileSpec) -> Fetched:
+        result = await self._fetch_source(vol, spec)
+        if result.lease is not None:
+            self._warn_static_lease(vol, spec.source, spec.dynamic)
+            self._record_lease(vol, vol.keys[spec], result.lease)
+        return result
 
     async def _prefetch(self, vol: Volume) -> None:
         sources = vol.plan.sources()
@@ -837,19 +843,7 @@ class Volumes:
         must render from it (else FetchError, and its lease is revoked with revoke_leases)."""
         specs = [spec for spec, k in vol.keys.items() if k == key]
         spec = specs[0]
-        try:
-            result = (await self._fetch(vol, [spec.source])).get(spec.source)
-        except FetchError:
-            raise
-        except Exception as exc:
-            log_unexpected(log, "provider %s failed", vol.provider.name)
-            raise FetchError(
-                spec.object_name, f"provider error ({type(exc).__name__})", transient=True
-            ) from None
-        if isinstance(result, FetchError):
-            raise result
-        if not isinstance(result, Fetched):
-            raise FetchError(spec.object_name, "the provider returned nothing", transient=True)
+        result = await self._fetch_source(vol, spec)
         try:
             for s in specs:
                 vol.provider.render(s, result)
