@@ -2,7 +2,7 @@
 
 Run as root from the project root (it mounts a tmpfs and a FUSE filesystem, and unmounts both)::
 
-    .venv/bin/python bench/read_latency.py [--iterations N] [--daemon-arg=--audit ...]
+    .venv/bin/python bench/read_latency.py [--iterations N] [--audit] [--daemon-arg=ARG ...]
 
 Files of 100 B, 4 KiB and 64 KiB, each read by one reader and by four parallel readers (four
 processes on the same file), on a tmpfs and on a real secretfs mount (``python -m secretfs mount``
@@ -11,7 +11,9 @@ C program (bench/readclient.c, compiled into bench/.build/) so the client costs 
 the microseconds of a Python loop. The same files are also served by a bare pyfuse3 filesystem
 (bench/bare_fs.py: answers from memory, keep_cache, no checks), the floor for any pyfuse3
 filesystem on this machine. Prints p50/p99 per configuration, the ratio to tmpfs and the ratio to
-the bare pyfuse3 filesystem as a Markdown table.
+the bare pyfuse3 filesystem as a Markdown table. With ``--audit``, a second secretfs mount with
+``--audit`` (its audit lines go to a file, as the daemon's log does) is measured alongside, with
+the ratio of its p50 and its daemon CPU per round to the first mount's.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def secretfs_mount(
             objects.append(f'      - objectName: "{name}"\n        objectType: "secretsmanager"')
         spc = SPC.format(objects="\n".join(objects))
         args = ["--ttl", str(ttl), "--max-stale", str(ttl * 2), "--log-level", "WARNING", *extra]
+        tmp.mkdir(exist_ok=True)
         with mounted(spc, tmp, *args, env=env) as m:
             yield m
 
@@ -286,6 +289,11 @@ def main() -> int:
         help="extra argument for `secretfs mount` (repeatable), e.g. --daemon-arg=--audit",
     )
     ap.add_argument(
+        "--audit",
+        action="store_true",
+        help="also measure a second secretfs mount with --audit (audit / no audit columns)",
+    )
+    ap.add_argument(
         "--hold",
         action="store_true",
         help="after the table, keep the mounts until Enter (for profiling the daemon)",
@@ -301,6 +309,7 @@ def main() -> int:
     rows: list[str] = []
     cpu_notes: list[str] = []
     bare_cpu: list[str] = []
+    audit_cpu: list[str] = []
     with tempfile.TemporaryDirectory(prefix="secretfs-bench-") as d:
         tmp = Path(d)
         bare = tmp / "bare"
@@ -308,7 +317,12 @@ def main() -> int:
             tmpfs(tmp / "tmpfs", files) as t,
             bare_mount(bare, files) as bare_proc,
             secretfs_mount(tmp, files, args.ttl, args.daemon_arg) as m,
+            contextlib.ExitStack() as stack,
         ):
+            audited: Mount | None = None
+            if args.audit:
+                extra = [*args.daemon_arg, "--audit"]
+                audited = stack.enter_context(secretfs_mount(tmp / "audit", files, args.ttl, extra))
             for label, size in SIZES.items():
                 name = name_for(size)
                 if m.read(name) != files[name].encode():
@@ -321,7 +335,11 @@ def main() -> int:
                         (bare / name, bare_proc.pid),
                         (m.file(name), m.proc.pid),
                     ]
-                    (a, _), (c, c_cpu), (b, b_cpu) = compare(
+                    if audited is not None:
+                        if audited.read(name) != files[name].encode():
+                            raise RuntimeError(f"secretfs --audit serves other bytes for {name}")
+                        targets.append((audited.file(name), audited.proc.pid))
+                    (a, _), (c, c_cpu), (b, b_cpu), *more = compare(
                         client,
                         targets,
                         readers,
@@ -332,11 +350,17 @@ def main() -> int:
                     if readers == 1:
                         bare_cpu.append(f"{label}: {us(round(c_cpu))}")
                         cpu_notes.append(f"{label}: {us(round(b_cpu))}")
-                    rows.append(
+                    row = (
                         f"| {label} | {readers} | {us(a.p50_ns)} | {us(a.p99_ns)} | "
                         f"{us(b.p50_ns)} | {us(b.p99_ns)} | {b.p50_ns / a.p50_ns:.1f}x | "
                         f"{us(c.p50_ns)} | {b.p50_ns / c.p50_ns:.2f}x |"
                     )
+                    if more:
+                        (d, d_cpu) = more[0]
+                        row += f" {us(d.p50_ns)} | {d.p50_ns / b.p50_ns:.2f}x |"
+                        if readers == 1:
+                            audit_cpu.append(f"{label}: {us(round(d_cpu))} ({d_cpu / b_cpu:.2f}x)")
+                    rows.append(row)
             if args.hold:
                 print(
                     f"mounted: tmpfs {t}, bare pyfuse3 {bare}, secretfs {m.path} "
@@ -346,7 +370,8 @@ def main() -> int:
                 )
                 sys.stdin.readline()
             daemon_log = m.log().strip()
-        for p in (tmp / "tmpfs", bare, tmp / "mnt"):
+            audit_lines = audited.log().count(" open ") if audited is not None else 0
+        for p in (tmp / "tmpfs", bare, tmp / "mnt", tmp / "audit" / "mnt"):
             if is_mounted(p):
                 print(f"read_latency: {p} is still mounted", file=sys.stderr)
     elapsed = time.monotonic() - began
@@ -360,11 +385,16 @@ def main() -> int:
         f"reader; total {elapsed:.1f} s"
     )
     print()
-    print(
+    head = (
         "| file size | readers | tmpfs p50 | tmpfs p99 | secretfs p50 | secretfs p99 | ratio p50 "
         "| bare pyfuse3 p50 | secretfs / bare |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    if args.audit:
+        head += " secretfs --audit p50 | audit / no audit |"
+        rule += "---|---|"
+    print(head)
+    print(rule)
     for r in rows:
         print(r)
     print()
@@ -373,6 +403,12 @@ def main() -> int:
         + ", ".join(cpu_notes)
     )
     print("bare pyfuse3 daemon CPU per round, single reader: " + ", ".join(bare_cpu))
+    if args.audit:
+        print(
+            "secretfs --audit daemon CPU per round, single reader (all threads, the audit "
+            "writer's included; ratio to no audit): " + ", ".join(audit_cpu)
+        )
+        print(f"audit lines written: {audit_lines}")
     if daemon_log:
         print(f"\nsecretfs daemon log:\n{daemon_log}", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ from csi.node import DRIVER_NAME, IdentityServicer, NodeServicer
 from csi.pb import csi_pb2_grpc
 from csi.publish import Node
 from csi.server import make_server
+from csi.status import KubeObjects
 from secretfs import control
 from secretfs.hardening import harden
 
@@ -49,7 +50,12 @@ def run(opts: CsiOptions) -> int:
     threading.Thread(target=kube_api.warm, name="warm", daemon=True).start()
     client = control.Client(opts.daemon_socket)
     keeper = Keeper(client, opts.takeover_timeout)
-    node = Node(client, kube_api, opts.mount_root, keeper, opts.kubelet_root)
+    node = Node(
+        client, kube_api, opts.mount_root, keeper, opts.kubelet_root, node_name=opts.node_id
+    )
+    # SecretProviderClassPodStatus objects and Events, written by a thread of their own.
+    node.objects = KubeObjects(kube_api, opts.node_id)
+    node.objects.install(keeper.handlers)
 
     def register(server: object) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(

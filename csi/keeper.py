@@ -28,12 +28,14 @@ import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from csi import metrics, mounts
 from secretfs import announce, control, fusewire
 from secretfs.control import ControlError
+from secretfs.logs import log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class Keeper:
         self._touches: queue.Queue[list[str]] = queue.Queue(maxsize=TOUCH_BACKLOG)
         self._erofs_said = False
         threading.Thread(target=self._toucher, name="announce", daemon=True).start()
+        # Handlers of the daemon's other watch events by kind ("versions", "event": csi/status.py
+        # installs them). Called on the watch thread: they only queue work, never block.
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 
     def alive(self) -> bool:
         """False once the kernel has aborted our connection (fusectl abort, a forced unmount):
@@ -287,6 +292,14 @@ class Keeper:
     def _on_event(self, event: dict[str, Any]) -> None:
         paths = event.get("touch")
         if not isinstance(paths, list):
+            for kind, payload in event.items():
+                handler = self.handlers.get(kind)
+                if handler is None or not isinstance(payload, dict):
+                    continue
+                try:
+                    handler(payload)
+                except Exception:  # a handler bug must not end the watch
+                    log_unexpected(log, "handling a %r event from the daemon failed", kind)
             return
         try:
             self._touches.put_nowait([str(p) for p in paths])

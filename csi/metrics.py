@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import urllib.parse
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -107,3 +109,66 @@ announcements = Counter(
     "secretfs_announcements",
     "Changed files announced to watchers (touched through the private clone: IN_ATTRIB)",
 )
+
+
+# Kubernetes API requests of this process (csi/kube.py counts every request of its client here).
+k8s_request = Counter(
+    "k8s_request",
+    "Kubernetes API requests, by verb, resource and HTTP status code (<error>: no answer)",
+    ["verb", "resource", "code"],
+)
+
+
+def kube_request_labels(method: str, url: str) -> tuple[str, str]:
+    """The verb and resource of a Kubernetes API request (as the API server's RequestInfo names
+    them): ``GET /api/v1/namespaces/ns/serviceaccounts/app`` is ("get", "serviceaccounts")."""
+    parts = urllib.parse.urlsplit(url)
+    segs = [s for s in parts.path.split("/") if s]
+    if segs[:1] == ["api"]:
+        segs = segs[2:]
+    elif segs[:1] == ["apis"]:
+        segs = segs[3:]
+    if len(segs) >= 3 and segs[0] == "namespaces":
+        segs = segs[2:]
+    resource = segs[0] if segs else "unknown"
+    named = len(segs) >= 2
+    if len(segs) >= 3:
+        resource += "/" + segs[2]  # a subresource: pods/status
+    method = method.upper()
+    query = urllib.parse.parse_qs(parts.query)
+    if method == "GET":
+        if query.get("watch", [""])[0] in ("true", "1", "True"):
+            verb = "watch"
+        else:
+            verb = "get" if named else "list"
+    elif method == "DELETE":
+        verb = "delete" if named else "deletecollection"
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+    return verb, resource
+
+
+def count_kube_requests(api: Any) -> None:
+    """Count every request ``api`` (a kubernetes.client.ApiClient) makes: its ``call_api`` is the
+    one place all of them go through (it answers with the HTTP response, errors included)."""
+    call_api = api.call_api
+
+    def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        code = "<error>"
+        try:
+            response = call_api(method, url, *args, **kwargs)
+            code = str(getattr(response, "status", "") or "<error>")
+            return response
+        except Exception as exc:
+            status = getattr(exc, "status", None)  # ApiException
+            if status:
+                code = str(status)
+            raise
+        finally:
+            try:
+                verb, resource = kube_request_labels(method, url)
+            except Exception:
+                verb, resource = method.lower(), "unknown"
+            k8s_request.labels(verb, resource, code).inc()
+
+    api.call_api = counted

@@ -16,6 +16,7 @@ from csi.publish import Node, Publish
 from csi.server import TOKENS_KEY, CsiError
 from providers import limits
 from secretfs import __version__, control
+from secretfs.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             req.target,
             req.namespace,
             req.pod_name,
+            extra=fields(volume=req.volume_id, pod_namespace=req.namespace, pod_name=req.pod_name),
         )
         return csi_pb2.NodePublishVolumeResponse()
 

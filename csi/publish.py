@@ -23,10 +23,12 @@ import grpc
 from csi import kube, metrics, mounts
 from csi.keeper import REFRESH_MARK, Keeper
 from csi.server import CsiError, annotate
+from csi.status import KubeObjects
 from providers.limits import quote
 from secretfs import control, fusewire
 from secretfs import spc as spc_mod
 from secretfs.control import ControlError
+from secretfs.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,14 @@ def daemon_error(exc: ControlError, unreachable: bool = False) -> CsiError:
         return CsiError(S.UNAVAILABLE, exc.message, metrics.DAEMON_UNAVAILABLE)
     code, error_type = _DAEMON_CODES.get(exc.code, (S.INTERNAL, metrics.INTERNAL_ERROR))
     return CsiError(code, exc.message, error_type)
+
+
+def needs_node_region(spc: spc_mod.SecretProviderClass, attributes: dict[str, str]) -> bool:
+    """An AWS volume whose parameters, with the attributes replacing them, name no region: it
+    may take the node's region label (providers/aws_params.py has the order)."""
+    if spc.provider != "aws":
+        return False
+    return not ({**spc.parameters, **attributes}.get("region") or "").strip()
 
 
 def refresh_mark(obj: dict[str, Any]) -> str:
@@ -84,15 +94,19 @@ class Node:
         mount_root: str,
         keeper: Keeper | None = None,
         kubelet_root: str = "/var/lib/kubelet",
+        node_name: str = "",
     ) -> None:
         self.client = client
         self.kube = kube_api
+        self.node_name = node_name  # this node's Node object (its region label)
         self.mount_root = os.path.abspath(mount_root)
         self.kubelet_root = kubelet_root
         self.keeper = keeper or Keeper(client)
         self._root_lock = threading.Lock()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        # Status objects and Events in the Kubernetes API (csi/status.py; None: none written).
+        self.objects: KubeObjects | None = None
 
     @contextlib.contextmanager
     def guard(self, volume_id: str) -> Iterator[None]:
@@ -251,11 +265,21 @@ class Node:
             "identity": identity,
             "gid": req.gid,
         }
+        node, unread = self._node_facts(spc, req)
+        if node is not None:
+            record["node"] = node  # recorded: a restarted daemon plans with the same region
         for _ in range(2):
             generation = self.keeper.generation
             try:
                 added = self.client.add(req.volume_id, **record, timeout=max(5.0, time_left - 5.0))
             except ControlError as exc:
+                if (
+                    unread
+                    and exc.code == control.INVALID_ARGUMENT
+                    and kube.REGION_LABEL in exc.message
+                ):
+                    # The region was to come from the Node, which could not be read: retry.
+                    raise CsiError(S.UNAVAILABLE, exc.message, metrics.KUBE_API_ERROR) from None
                 raise daemon_error(exc) from None
             self.keeper.record(req.volume_id, record, added)
             if self.keeper.generation == generation:
@@ -274,7 +298,23 @@ class Node:
                 f"cannot mount the volume at {req.target}: {exc.strerror}",
                 metrics.FAILED_TO_MOUNT,
             ) from None
+        if self.objects is not None:  # queued, never failing the publish (csi/status.py)
+            self._track(req, added, secret_objects=spc.secret_objects)
         return "published"
+
+    def _track(self, req: Publish, answer: dict[str, Any], **kw: Any) -> None:
+        """Write (queue) the volume's SecretProviderClassPodStatus from the daemon's answer."""
+        assert self.objects is not None
+        self.objects.published(
+            req.volume_id,
+            namespace=req.namespace,
+            pod_name=req.pod_name,
+            pod_uid=req.pod_uid,
+            spc_name=req.spc_name,
+            target=req.target,
+            objects=answer.get("objects"),
+            **kw,
+        )
 
     def republish(self, req: Publish, time_left: float) -> None:
         """requiresRepublish: fresh tokens, and the nodePublishSecretRef data as it is now. Cheap
@@ -290,6 +330,9 @@ class Node:
             raise daemon_error(exc) from None
         self.keeper.update_identity(req.volume_id, tokens=req.tokens, secrets=req.secrets)
         annotate(provider=str(answer.get("provider", "")))
+        if self.objects is not None and not self.objects.known(req.volume_id):
+            # This process restarted since the publish: its status object is tracked again.
+            self._track(req, answer)
         self._refresh_on_request(req, deadline)
 
     def _refresh_on_request(self, req: Publish, deadline: float) -> None:
@@ -326,6 +369,7 @@ class Node:
                     "(an older release); values refresh at their TTL",
                     req.volume_id,
                     asked,
+                    extra=fields(volume=req.volume_id, pod_namespace=req.namespace),
                 )
                 return
             err = daemon_error(exc)
@@ -352,6 +396,7 @@ class Node:
             asked,
             answer.get("fetched", "?"),
             answer.get("changed", "?"),
+            extra=fields(volume=req.volume_id, pod_namespace=req.namespace, pod_name=req.pod_name),
         )
 
     def _check_target(self, target: str) -> bool:
@@ -369,6 +414,37 @@ class Node:
             f"target path {target} is busy: {problem}",
             metrics.FAILED_TO_ENSURE_MOUNT_POINT,
         )
+
+    def _node_facts(
+        self, spc: spc_mod.SecretProviderClass, req: Publish
+    ) -> tuple[dict[str, str] | None, bool]:
+        """What the daemon needs of this node for the volume (None: nothing), and whether the
+        Node could not be read (True: a region error is UNAVAILABLE). For an AWS class whose
+        parameters (with the volume's attributes over them) name no region, the Node's
+        topology.kubernetes.io/region label. The daemon uses it after its own AWS_REGION, as
+        upstream's provider does. Read once (csi/kube.py); a failed read is tried again at the
+        next publish that needs it, and only fails this one if no AWS_REGION stands in."""
+        if not needs_node_region(spc, req.attributes):
+            return None, False
+        if not self.node_name:
+            return {"problem": "csi runs without --nodeid, so it cannot read its Node"}, False
+        try:
+            region = self.kube.node_region(self.node_name)
+        except kube.KubeError as exc:
+            log.warning(
+                "volume %s: SecretProviderClass %s/%s names no AWS region, and the node's %s "
+                "label is unknown: %s",
+                req.volume_id,
+                req.namespace,
+                req.spc_name,
+                kube.REGION_LABEL,
+                exc,
+            )
+            problem = f"{exc}; tried again at the next publish"
+            return {"name": self.node_name, "problem": problem}, True
+        if not region:
+            return {"name": self.node_name, "problem": "the Node has no such label"}, False
+        return {"name": self.node_name, "region": region}, False
 
     def _read_spc(self, req: Publish) -> tuple[spc_mod.SecretProviderClass, str]:
         """The volume's class, and its secretfs.io/refresh annotation ("" if none)."""
@@ -397,7 +473,12 @@ class Node:
             try:
                 self.client.remove(req.volume_id)
             except ControlError as exc:
-                log.warning("volume %s: cleanup in the daemon failed: %s", req.volume_id, exc)
+                log.warning(
+                    "volume %s: cleanup in the daemon failed: %s",
+                    req.volume_id,
+                    exc,
+                    extra=fields(volume=req.volume_id, error_type=exc.code),
+                )
 
     # --- unpublish ---
 
@@ -420,9 +501,16 @@ class Node:
                     metrics.FAILED_TO_UNMOUNT,
                 ) from None
         self.keeper.forget(volume_id)
+        if self.objects is not None:
+            self.objects.unpublished(volume_id)
         try:
             self.client.remove(volume_id)
         except ControlError as exc:
             # A daemon that is gone holds no volumes (and no values) any more; the next
             # generation will not be given this one.
-            log.warning("volume %s: not removed from the daemon: %s", volume_id, exc.message)
+            log.warning(
+                "volume %s: not removed from the daemon: %s",
+                volume_id,
+                exc.message,
+                extra=fields(volume=volume_id, error_type=exc.code),
+            )

@@ -21,7 +21,7 @@ from google.protobuf.json_format import MessageToDict
 
 from csi import metrics
 from providers.limits import quote
-from secretfs.logs import log_unexpected
+from secretfs.logs import fields, log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,19 @@ def _brief(request: Any) -> str:
     return " ".join(parts)
 
 
+def _fields(request: Any, took: float, provider: str, error: CsiError | None) -> dict[str, object]:
+    """Structured log fields of an RPC (request values cut: not validated yet)."""
+    ctx = getattr(request, "volume_context", None) or {}
+    return fields(
+        volume=str(getattr(request, "volume_id", ""))[:300],
+        pod_namespace=str(ctx.get("csi.storage.k8s.io/pod.namespace", ""))[:300],
+        pod_name=str(ctx.get("csi.storage.k8s.io/pod.name", ""))[:300],
+        provider=provider,
+        error_type=error.error_type if error else None,
+        duration=took,
+    )
+
+
 class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -106,7 +119,16 @@ class Interceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 level = logging.WARNING if error else logging.INFO
                 if method in ("Probe", "GetPluginInfo", "GetPluginCapabilities") and not error:
                     level = logging.DEBUG
-                log.log(level, "%s %s %.1f ms %s%s", method, code, took * 1e3, _brief(request), msg)
+                log.log(
+                    level,
+                    "%s %s %.1f ms %s%s",
+                    method,
+                    code,
+                    took * 1e3,
+                    _brief(request),
+                    msg,
+                    extra=_fields(request, took, note["provider"], error),
+                )
             context.abort(error.code, error.message)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -1,7 +1,9 @@
 """AWS Secrets Manager and SSM Parameter Store, with the upstream AWS provider's parameters.
 
 Parameters (see providers/aws_params.py): ``objects`` (YAML list), ``region``, ``failoverRegion``,
-``pathTranslation``, ``usePodIdentity``, ``preferredAddressType``. Sources are
+``pathTranslation``, ``usePodIdentity``, ``preferredAddressType``. Without ``region``: AWS_REGION
+of the daemon, else the node's ``topology.kubernetes.io/region`` label, which csi reads from its
+Node and passes in the ``add`` request (:meth:`AwsProvider.parse_on_node`). Sources are
 :class:`providers.aws_params.AwsSource` tuples; jmesPath files share their object's source and
 carry ``select=("jmespath", path)``, applied in :meth:`AwsProvider.render`.
 
@@ -30,6 +32,7 @@ from providers.base import (
     FetchError,
     FileSpec,
     Identity,
+    NodeInfo,
     ParameterError,
     Plan,
     Problem,
@@ -77,10 +80,22 @@ class AwsProvider:
         self._clients = ClientCache()
 
     def parse(self, parameters: Mapping[str, str], default_mode: int = DEFAULT_MODE) -> Plan:
-        auth, files, problems = parse_parameters(parameters, default_mode)
+        return self._parse(parameters, default_mode, None)
+
+    def parse_on_node(
+        self, parameters: Mapping[str, str], default_mode: int, node: NodeInfo
+    ) -> Plan:
+        """``parse`` on a node: without a ``region`` parameter or AWS_REGION, the node's
+        topology.kubernetes.io/region label (base.NodeAware)."""
+        return self._parse(parameters, default_mode, node)
+
+    def _parse(
+        self, parameters: Mapping[str, str], default_mode: int, node: NodeInfo | None
+    ) -> Plan:
+        auth, files, problems, notes = parse_parameters(parameters, default_mode, node)
         if problems:
             raise ParameterError(problems)
-        return Plan(self.name, tuple(files), auth)
+        return Plan(self.name, tuple(files), auth, notes=tuple(notes))
 
     def release_identity(self, identity_key: Hashable) -> None:
         self._clients.forget_identity(identity_key)

@@ -19,7 +19,14 @@ import jmespath.exceptions
 import yaml
 
 from providers import limits
-from providers.base import FileSpec, Problem, check_files, check_path, parse_mode_four_octal
+from providers.base import (
+    FileSpec,
+    NodeInfo,
+    Problem,
+    check_files,
+    check_path,
+    parse_mode_four_octal,
+)
 
 SECRETSMANAGER = "secretsmanager"
 SSMPARAMETER = "ssmparameter"
@@ -52,6 +59,11 @@ OBJECT_FIELDS = (
 JMES_FIELDS = ("path", "objectAlias", "filePermission")
 FAILOVER_FIELDS = ("objectName", "objectVersion", "objectVersionLabel")
 ADDRESS_TYPES = ("auto", "ipv4", "ipv6")
+
+# Where the region comes from when the parameter ``region`` is empty, as upstream's provider:
+# AWS_REGION of the process that fetches (the chart's daemon.awsRegion), then the node's label.
+REGION_LABEL = "topology.kubernetes.io/region"
+REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 _REGION = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")  # Go strconv.ParseBool, as upstream
@@ -111,10 +123,14 @@ def _parse_arn(name: str) -> tuple[str, str] | None:
 
 
 class _Parser:
-    def __init__(self, parameters: Mapping[str, str], default_mode: int) -> None:
+    def __init__(
+        self, parameters: Mapping[str, str], default_mode: int, node: NodeInfo | None = None
+    ) -> None:
         self.params = parameters
         self.default_mode = default_mode
+        self.node = node
         self.problems: list[Problem] = []
+        self.notes: list[str] = []
         self.translate = "_"
         self.region = ""
         self.failover_region: str | None = None
@@ -133,16 +149,7 @@ class _Parser:
                 None, key, f"unknown parameter; the aws provider accepts {', '.join(TOP_LEVEL)}"
             )
 
-        region = (p.get("region") or "").strip()
-        if not region:
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
-            if not region:
-                self.bad(
-                    None,
-                    "region",
-                    "no region given; set parameter 'region' (or AWS_REGION in the driver's "
-                    "environment)",
-                )
+        region = (p.get("region") or "").strip() or self.default_region()
         if region and not _REGION.match(region):
             self.bad(None, "region", f"{region!r} is not an AWS region name such as 'us-east-1'")
         self.region = region
@@ -179,6 +186,41 @@ class _Parser:
             self.bad(None, "preferredAddressType", "must be one of ipv4, ipv6, auto")
             addr = "auto"
         return AwsAuth(region, failover, use_pi, addr)
+
+    def default_region(self) -> str:
+        """The region when the parameter is empty: AWS_REGION, else the node's label ("" and a
+        problem, or offline a note, if neither is known)."""
+        node = self.node
+        if node is not None and node.offline:
+            # secretfs check: this machine's environment says nothing about a node's.
+            self.notes.append(
+                "parameter 'region' is not set: on a node the region comes from AWS_REGION of "
+                "the secretfs daemon (chart value daemon.awsRegion) if set, else from the "
+                f"node's label {REGION_LABEL} (as upstream); with `secretfs mount` from "
+                "AWS_REGION"
+            )
+            return ""
+        env = next((os.environ[k] for k in REGION_ENV if os.environ.get(k)), "")
+        if env or node is None:
+            if not env:
+                self.bad(
+                    None,
+                    "region",
+                    "no region given; set parameter 'region' (or AWS_REGION in the environment)",
+                )
+            return env.strip()
+        if node.region:
+            return node.region
+        where = f"node {node.name}" if node.name else "the node"
+        why = f" ({node.problem})" if node.problem else ""
+        self.bad(
+            None,
+            "region",
+            f"no region: set parameter 'region' in the SecretProviderClass (or the volume's "
+            f"attributes), label {where} with {REGION_LABEL}{why}, or set the secretfs "
+            "chart's daemon.awsRegion (AWS_REGION of the secretfs daemon)",
+        )
+        return ""
 
     # --- objects ---------------------------------------------------------------------------------
 
@@ -387,11 +429,16 @@ class _Parser:
 
 
 def parse_parameters(
-    parameters: Mapping[str, str], default_mode: int
-) -> tuple[AwsAuth, list[FileSpec], list[Problem]]:
-    """Auth, files and every problem found (the caller raises ParameterError if any)."""
-    parser = _Parser(parameters, default_mode)
+    parameters: Mapping[str, str], default_mode: int, node: NodeInfo | None = None
+) -> tuple[AwsAuth, list[FileSpec], list[Problem], list[str]]:
+    """Auth, files, every problem found (the caller raises ParameterError if any) and notes.
+
+    The region is the parameter ``region`` (the SecretProviderClass's, or the volume's attribute
+    that replaces it), else AWS_REGION (or AWS_DEFAULT_REGION) of this process, else, on a node,
+    the node's ``topology.kubernetes.io/region`` label: upstream's order. ``node`` None is
+    standalone mode (no node: the environment or nothing)."""
+    parser = _Parser(parameters, default_mode, node)
     auth = parser.top_level()
     files = parser.objects()
     parser.problems.extend(check_files(files))
-    return auth, files, parser.problems
+    return auth, files, parser.problems, parser.notes

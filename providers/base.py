@@ -118,10 +118,32 @@ class Plan:
     files: tuple[FileSpec, ...]
     auth: Hashable = ()
     ttl: float | None = None
+    # What ``secretfs check`` shows as warnings: not errors, but what the volume depends on
+    # that only a node knows (e.g. where an AWS region without a ``region`` parameter comes from).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def sources(self) -> list[Hashable]:
         """The distinct sources of the plan, in file order."""
         return list(dict.fromkeys(f.source for f in self.files))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the csi process read about the node a volume is published on, for the providers that
+    take defaults from it (:class:`NodeAware`); the ``add`` request carries it as ``node``.
+
+    ``region``: the Node's ``topology.kubernetes.io/region`` label ("" if unknown); ``problem``
+    says why it is unknown (label missing, Node unreadable). ``offline`` is ``secretfs check``:
+    no node yet, so a provider notes where such a default will come from instead of failing.
+    """
+
+    name: str = ""
+    region: str = ""
+    problem: str = ""
+    offline: bool = False
+
+
+OFFLINE = NodeInfo(offline=True)
 
 
 @dataclass(frozen=True)
@@ -237,6 +259,16 @@ class IdentityReleaser(Protocol):
     follows what is mounted. ``identity_key`` is :meth:`Identity.key`."""
 
     def release_identity(self, identity_key: Hashable) -> None: ...
+
+
+class NodeAware(Protocol):
+    """Optional extra of a provider whose parameters may default to facts of the node (the AWS
+    region from the node's label, as upstream): ``secretfs.spc.plan`` calls this instead of
+    ``parse`` when it has a :class:`NodeInfo`. Other providers never see node facts."""
+
+    def parse_on_node(
+        self, parameters: Mapping[str, str], default_mode: int, node: NodeInfo
+    ) -> Plan: ...
 
 
 class LeaseManager(Protocol):

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import trio
 
 from providers.base import Fetched, FetchError
-from secretfs.logs import log_unexpected
+from secretfs import metrics
+from secretfs.logs import fields, log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,20 @@ class SecretCache:
         self._expire(self._clock())
         return len(self._static) + len(self._dynamic)
 
+    def census(self) -> tuple[int, int]:
+        """How many static and dynamic values are in memory (metrics, at scrape time)."""
+        self._expire(self._clock())
+        return len(self._static), len(self._dynamic)
+
+    def stale_keys(self) -> list[Hashable]:
+        """The static values past their TTL that are still served (metrics)."""
+        now = self._clock()
+        return [
+            k
+            for k, e in self._static.items()
+            if now < e.expires and now - e.fetched_at >= self._ttls.get(k, self.ttl)
+        ]
+
     # --- reads --------------------------------------------------------------------------------
 
     def peek(self, key: Hashable, *, dynamic: bool = False) -> Fetched | None:
@@ -298,13 +313,13 @@ class SecretCache:
                 ev = trio.Event()
                 for k in batch:
                     self._inflight[k] = waits[k] = ev
-                await self._batch_flight(tuple(batch), batch_load, ev)
+                await self._batch_flight(tuple(batch), metrics.observed(batch_load, self._seen), ev)
             for k, single in singles:
                 ev = self._inflight[k] = waits[k] = trio.Event()
                 await self._flight(k, single, False, ev)
         else:
             for batch_load, batch in batches.values():
-                ev = self._start_batch(batch, batch_load)
+                ev = self._start_batch(batch, metrics.observed(batch_load, self._seen))
                 waits.update(dict.fromkeys(batch, ev))
             for k, single in singles:
                 waits[k] = self._start_flight(k, single, False)
@@ -393,7 +408,7 @@ class SecretCache:
         if group is not None:
             keys = self._due(group, key)
             self.stats.refreshes += len(keys)
-            self._start_batch(keys, group.load)
+            self._start_batch(keys, metrics.observed(group.load, self._seen))
             return
         loader = load or self._loaders.get(key)
         if loader is None:
@@ -505,6 +520,7 @@ class SecretCache:
                 len(keys),
                 worst,
                 first,
+                extra=fields(key=keys[0], error=first),
             )
 
     def _record_failure(self, key: Hashable, exc: FetchError, *, quiet: bool = False) -> int:
@@ -517,7 +533,9 @@ class SecretCache:
             self._static.pop(key, None)
         if not quiet:
             level = logging.INFO if n < 3 else logging.WARNING
-            log.log(level, "fetch failed (%d in a row): %s", n, exc)
+            log.log(
+                level, "fetch failed (%d in a row): %s", n, exc, extra=fields(key=key, error=exc)
+            )
         return n
 
 

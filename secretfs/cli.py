@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from providers.base import ParameterError
+from providers.base import OFFLINE, ParameterError
 from secretfs.logs import setup_logging
 
 # The node daemon's control socket (secretfs daemon --socket; the chart's hostDir).
@@ -48,7 +48,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attr-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     p.add_argument(
-        "--audit", action="store_true", help="log every open: path, uid, gid, pid and version"
+        "--audit",
+        action="store_true",
+        help="log every open: path, version, caller uid/gid/pid, pod (off the request path)",
     )
     p.add_argument(
         "--revoke-leases",
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="in the background, append the log here (default: discard it once mounted)",
     )
     _add_mount_options(m)
+    m.add_argument(
+        "--metrics-addr", default="", help="Prometheus /metrics, e.g. 127.0.0.1:9100 (default: off)"
+    )
     _add_log_options(m)
 
     c = sub.add_parser("check", help="validate a SecretProviderClass file offline")
@@ -114,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("daemon", help="node daemon: serve the FUSE session the csi process mounts")
     _add_daemon_options(d)
+    d.add_argument(
+        "--metrics-addr", default="", help="Prometheus /metrics, e.g. :8096 (default: off)"
+    )
     _add_log_options(d)
 
     k = sub.add_parser("csi", help="CSI node plugin (kubelet-facing gRPC; mounts; privileged)")
@@ -123,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("node", help="run daemon and csi together (development and tests)")
     _add_daemon_options(n)
     _add_csi_options(n, with_daemon_socket=False)  # --socket/--daemon-socket come with the daemon
+    n.add_argument("--daemon-metrics-addr", default="", help="the daemon's --metrics-addr (off)")
     _add_log_options(n)
     return parser
 
@@ -180,7 +189,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         spc = spc_mod.load(args.spc)
-        plan = spc_mod.plan(spc, default_mode=args.default_mode)
+        # Offline: what only a node knows (the AWS region from its label) is a warning.
+        plan = spc_mod.plan(spc, default_mode=args.default_mode, node=OFFLINE)
     except spc_mod.SpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -190,6 +200,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {p}", file=sys.stderr)
         return 1
     print(f"{args.spc}: provider {plan.provider}, {len(plan.files)} file(s)")
+    for note in plan.notes:
+        print(f"{args.spc}: warning: {note}", file=sys.stderr)
+    if spc.secret_objects:
+        print(f"{args.spc}: warning: {spc_mod.SECRET_OBJECTS}", file=sys.stderr)
     if plan.ttl is not None:
         print(
             f"  ttl: {plan.ttl:g} s (annotation {spc_mod.TTL_ANNOTATION}; a node keeps it within "
@@ -224,6 +238,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         revoke_leases=args.revoke_leases,
         min_ttl=args.min_ttl,
         max_ttl=args.max_ttl,
+        metrics_addr=args.metrics_addr,
     )
 
     def ready(error: str | None) -> None:
@@ -342,6 +357,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         attr_timeout=args.attr_timeout,
         min_ttl=args.min_ttl,
         max_ttl=args.max_ttl,
+        metrics_addr=args.metrics_addr,
     )
     return trio.run(daemon.serve, args.daemon_socket, opts, lambda _: None)
 
@@ -375,6 +391,8 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.max_ttl is not None:
         daemon += ["--max-ttl", str(args.max_ttl)]
     daemon += ["--attr-timeout", str(args.attr_timeout)]
+    if args.daemon_metrics_addr:
+        daemon += ["--metrics-addr", args.daemon_metrics_addr]
     for flag, on in (
         ("--audit", args.audit),
         ("--revoke-leases", args.revoke_leases),

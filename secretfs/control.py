@@ -290,7 +290,11 @@ class Client:
         identity: dict[str, Any],
         gid: int,
         timeout: float,
+        node: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        # ``node``: what csi read of its Node for this volume (the AWS region label); only sent
+        # when the volume needs it, so records of other volumes stay as they were.
+        extra: dict[str, Any] = {} if node is None else {"node": node}
         return self.call(
             "add",
             volume_id=volume_id,
@@ -299,6 +303,7 @@ class Client:
             identity=identity,
             gid=gid,
             timeout=timeout,
+            **extra,
         )
 
     def refresh(

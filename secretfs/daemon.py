@@ -39,11 +39,12 @@ import pyfuse3
 import trio
 
 from providers.base import FetchError, Identity, ParameterError, Plan, Token
-from secretfs import control, fusewire, takeover
+from secretfs import control, fusewire, metrics, takeover
 from secretfs import spc as spc_mod
 from secretfs.control import ControlError
 from secretfs.fs import ATTR_TIMEOUT, ROOT_INODE, SecretFS
 from secretfs.hardening import harden
+from secretfs.logs import fields as log_fields
 from secretfs.logs import log_unexpected
 from secretfs.standalone import fuse_options
 from secretfs.volumes import DEFAULT_MIN_TTL, Volume, VolumeError, Volumes
@@ -76,6 +77,8 @@ class DaemonOptions:
     # Bounds of a SecretProviderClass's own TTL (secretfs.io/ttl); max_ttl None: max_stale.
     min_ttl: float = DEFAULT_MIN_TTL
     max_ttl: float | None = None
+    # Prometheus /metrics (":8096", "127.0.0.1:8096"); empty: off (secretfs/metrics.py).
+    metrics_addr: str = ""
 
 
 def identity_from(d: Any) -> Identity:
@@ -137,6 +140,19 @@ class Daemon:
         # touches its own mount: secretfs/announce.py).
         self._watchers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         fs.announcer = self._announce
+        # Object versions and Kubernetes Events for csi to write (csi/status.py, csi/events.py).
+        volumes.on_event.append(self._on_volume_event)
+
+    def _on_volume_event(self, kind: str, payload: dict[str, Any]) -> None:
+        """``{"versions": {...}}`` or ``{"event": {...}}`` on every keeper's watch; dropped (with
+        a warning) when a keeper does not take them: they are reports, nothing waits for them."""
+        for ch in list(self._watchers):
+            try:
+                ch.send_nowait({kind: payload})
+            except trio.WouldBlock:
+                log.warning("the keeper is not taking events; a %r event was dropped", kind)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.discard(ch)
 
     def _announce(self, paths: list[str]) -> None:
         for ch in list(self._watchers):
@@ -257,7 +273,7 @@ class Daemon:
         if op == "remove":
             removed = await self.volumes.remove(volume_id)
             if removed:
-                log.info("volume %s removed", volume_id)
+                log.info("volume %s removed", volume_id, extra=log_fields(volume=volume_id))
                 if self.serving:
                     self.fs.forget_entry(ROOT_INODE, volume_id.encode())
             return {"removed": removed, "next_inode": self.volumes.tree.next_inode}
@@ -411,9 +427,10 @@ class Daemon:
 
     async def _plan(self, spc: spc_mod.SecretProviderClass, msg: dict[str, Any]) -> Plan:
         attributes = {str(k): str(v) for k, v in (msg.get("attributes") or {}).items()}
+        node = spc_mod.node_value(msg.get("node"))  # csi's Node facts (the AWS region label)
         try:
             # parse() may import a provider SDK the first time: keep that off the trio thread.
-            return await trio.to_thread.run_sync(spc_mod.plan, spc, attributes)
+            return await trio.to_thread.run_sync(lambda: spc_mod.plan(spc, attributes, node=node))
         except ParameterError as exc:
             problems = "; ".join(str(p) for p in exc.problems)
             raise ControlError(
@@ -434,6 +451,7 @@ class Daemon:
             self.volumes.refresh_identity(volume_id, identity)
             return {
                 "existing": True,
+                "objects": self.volumes.versions(existing),
                 "files": len(existing.plan.files),
                 "inodes": existing.inodes,
                 "next_inode": self.volumes.tree.next_inode,
@@ -459,9 +477,11 @@ class Daemon:
             identity.service_account,
             len(plan.files),
             gid,
+            extra=log_fields(vol),
         )
         return {
             "existing": False,
+            "objects": self.volumes.versions(vol),
             "files": len(plan.files),
             "inodes": vol.inodes,
             "next_inode": self.volumes.tree.next_inode,
@@ -515,7 +535,11 @@ class Daemon:
             ident = replace(ident, tokens=fresh)
             self.volumes.refresh_identity(volume_id, ident)
             self._record_identity(vol, tokens=tokens)
-        answer: dict[str, Any] = {"tokens": len(fresh), "provider": vol.plan.provider}
+        answer: dict[str, Any] = {
+            "tokens": len(fresh),
+            "provider": vol.plan.provider,
+            "objects": self.volumes.versions(vol),  # for a csi that restarted (csi/status.py)
+        }
         if raw is None:
             return answer
         identity = replace(ident, secrets={str(k): str(v) for k, v in raw.items()})
@@ -541,7 +565,12 @@ class Daemon:
                 f"{spc.get('name', '?')}: {exc}); the volume keeps serving the values fetched "
                 f"with the previous data: {fix}"
             )
-            log.warning("%s", message)
+            first = exc.errors[0] if exc.errors else None
+            log.warning(
+                "%s",
+                message,
+                extra=log_fields(vol, error=first, error_type=None if first else code),
+            )
             raise ControlError(code, message) from None
         finally:
             self._pending.discard(volume_id)
@@ -553,6 +582,7 @@ class Daemon:
             volume_id,
             changed,
             len(vol.plan.files),
+            extra=log_fields(vol),
         )
         return {**answer, "rekeyed": True, "changed": changed}
 
@@ -566,7 +596,10 @@ class Daemon:
 
 def record_request(msg: dict[str, Any]) -> dict[str, Any]:
     """The parts of an ``add`` request that rebuild the volume in another generation."""
-    return {k: msg.get(k) for k in ("spc", "attributes", "identity", "gid")}
+    record = {k: msg.get(k) for k in ("spc", "attributes", "identity", "gid")}
+    if "node" in msg:  # what csi read of its Node (the AWS region): the same plan again
+        record["node"] = msg["node"]
+    return record
 
 
 def _listen(path: str) -> socket.socket:
@@ -631,6 +664,7 @@ async def _serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon]
     listener = trio.socket.from_stdlib_socket(_listen(socket_path))
     async with trio.open_nursery() as nursery:
         volumes.start(nursery)
+        metrics.serve(opts.metrics_addr, volumes)  # its own thread; scrapes hop here briefly
         daemon = Daemon(volumes, fs, nursery)
 
         async def accept_loop() -> None:

@@ -29,6 +29,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import pyfuse3
 import trio
 
 from providers.base import FetchError
-from secretfs.logs import log_unexpected
+from secretfs.logs import AUDIT, log_unexpected
 from secretfs.tree import ROOT_INODE, Node
 from secretfs.volumes import Rendered, Volumes
 
@@ -274,16 +275,25 @@ class SecretFS(pyfuse3.Operations):
                 self.invalidate({inode})
         self._hold(fh, inode, content)
         if audit.isEnabledFor(logging.INFO):
-            audit.info(
-                "open volume=%s path=%s uid=%d gid=%d pid=%d version=%s",
-                node.volume,
+            self._audit(node, ctx, content)
+        return fi
+
+    def _audit(self, node: Node, ctx: pyfuse3.RequestContext, content: Rendered) -> None:
+        """One audit line: a tuple for the writer thread (secretfs/logs.py AuditTrail), which
+        formats and writes it; never blocks. The volume's identity names the pod."""
+        vol = self.volumes.volumes.get(node.volume) if node.volume is not None else None
+        AUDIT.put(
+            (
+                time.time(),
+                node.volume or "",
+                vol.identity if vol is not None else None,
                 node.spec.path if node.spec else "",
                 ctx.uid,
                 ctx.gid,
                 ctx.pid,
                 content.version,
             )
-        return fi
+        )
 
     def _hold(self, fh: int, inode: int, content: Rendered) -> None:
         st = self._state(inode)

@@ -13,7 +13,15 @@ from typing import Any
 import yaml
 
 from providers import UnknownProvider, get_provider, limits
-from providers.base import DEFAULT_MODE, ParameterError, Plan, Problem, check_path
+from providers.base import (
+    DEFAULT_MODE,
+    NodeAware,
+    NodeInfo,
+    ParameterError,
+    Plan,
+    Problem,
+    check_path,
+)
 
 GROUP = "secrets-store.csi.x-k8s.io"
 API_VERSIONS = (f"{GROUP}/v1", f"{GROUP}/v1alpha1")
@@ -38,6 +46,12 @@ _UNIT = {
 }
 
 
+# What `secretfs check`, csi's log and the pod's Event say about spec.secretObjects.
+SECRET_OBJECTS = (
+    "secretObjects is not synced (secret sync is off: it would store the value in etcd)"
+)
+
+
 class SpcError(ValueError):
     """The document is not a usable SecretProviderClass; the message says what to fix."""
 
@@ -49,6 +63,9 @@ class SecretProviderClass:
     provider: str
     parameters: Mapping[str, str]
     ttl: float | None = None  # seconds, from the annotation secretfs.io/ttl
+    # spec.secretObjects is set: upstream would sync those objects into Kubernetes Secrets, which
+    # is not offered (it would store the values in etcd); csi and `check` warn (SECRET_OBJECTS).
+    secret_objects: bool = False
 
 
 def parse_ttl(value: object) -> float:
@@ -131,6 +148,7 @@ def from_object(obj: Any, source: str = "document") -> SecretProviderClass:
         provider=provider,
         parameters=parameters,
         ttl=ttl,
+        secret_objects=bool(spec.get("secretObjects")),
     )
 
 
@@ -153,15 +171,29 @@ def load(path: str | Path) -> SecretProviderClass:
     raise SpcError(f"{p}: no document of kind {KIND} found")
 
 
+def node_value(value: object) -> NodeInfo | None:
+    """The ``node`` of a control request (what csi read of its Node; absent: None)."""
+    if not isinstance(value, dict):
+        return None
+    return NodeInfo(
+        name=str(value.get("name") or "")[:253],
+        region=str(value.get("region") or "").strip()[:64],
+        problem=str(value.get("problem") or "")[:400],
+    )
+
+
 def plan(
     spc: SecretProviderClass,
     overrides: Mapping[str, str] | None = None,
     default_mode: int = DEFAULT_MODE,
+    node: NodeInfo | None = None,
 ) -> Plan:
     """The provider's plan for a volume of ``spc``.
 
     ``overrides`` are volume attributes; as upstream does, they replace SPC parameters with the
-    same key. Raises ParameterError (problems naming object and field).
+    same key. ``node``: what csi knows of the node (the daemon), or ``base.OFFLINE`` (``secretfs
+    check``); only providers that take node defaults see it (base.NodeAware: the AWS region).
+    Raises ParameterError (problems naming object and field).
     """
     params = dict(spc.parameters)
     if overrides:
@@ -174,7 +206,11 @@ def plan(
         provider = get_provider(spc.provider)
     except UnknownProvider as exc:
         raise ParameterError([Problem(None, "spec.provider", str(exc))]) from None
-    result = provider.parse(params, default_mode)
+    if node is not None and hasattr(provider, "parse_on_node"):
+        aware: NodeAware = provider  # type: ignore[assignment]
+        result = aware.parse_on_node(params, default_mode, node)
+    else:
+        result = provider.parse(params, default_mode)
     # Whatever a provider derived (history indexes, extracted keys), every path must be sane.
     bad = [p for f in result.files for p in check_path(f.path, f.object_name, "path")]
     if bad:

@@ -14,7 +14,7 @@ import pyfuse3
 import trio
 
 from providers.base import AMBIENT, DEFAULT_MODE, ParameterError
-from secretfs import announce
+from secretfs import announce, metrics
 from secretfs import spc as spc_mod
 from secretfs.fs import ATTR_TIMEOUT, SecretFS
 from secretfs.hardening import harden
@@ -41,6 +41,7 @@ class MountOptions:
     # Bounds of the class's own TTL (secretfs.io/ttl); max_ttl None: max_stale.
     min_ttl: float = DEFAULT_MIN_TTL
     max_ttl: float | None = None
+    metrics_addr: str = ""  # Prometheus /metrics (secretfs/metrics.py); empty: off
 
     def check(self) -> None:
         problem = ttl_problem(self.ttl, self.max_stale, self.min_ttl, self.max_ttl)
@@ -172,6 +173,7 @@ async def run(
     terminated = False
     async with trio.open_nursery() as nursery:
         volumes.start(nursery)
+        metrics.serve(opts.metrics_addr, volumes)
         try:
             await volumes.add(
                 STANDALONE_VOLUME, plan, AMBIENT, uid=opts.uid, gid=opts.gid, at_root=True

@@ -20,8 +20,9 @@ import trio
 
 from providers import get_provider
 from providers.base import Fetched, FetchError, FileSpec, Identity, Lease, Plan, Provider
+from secretfs import metrics
 from secretfs.cache import CHANGED, FAILED, SecretCache
-from secretfs.logs import log_unexpected
+from secretfs.logs import fields, log_unexpected
 from secretfs.tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ REISSUE_GRACE = 60.0
 REISSUE_MARGIN = 5.0
 REISSUE_MIN_DELAY = 1.0
 REISSUE_MAX_BACKOFF = 60.0
+# Reasons of the Kubernetes Events csi records on a volume's pod (``on_event`` "event" payloads).
+REFRESH_FAILED = "SecretRefreshFailed"
+SERVING_STALE = "SecretServedStale"
+VALUE_DROPPED = "SecretValueDropped"
+LEASE_RENEWAL_FAILED = "SecretLeaseRenewalFailed"
 
 
 class VolumeError(Exception):
@@ -132,6 +138,10 @@ class Volumes:
         self._nursery: trio.Nursery | None = None
         # Called with the inodes whose content changed (the FUSE layer invalidates kernel caches).
         self.on_inodes_changed: list[Callable[[set[int]], None]] = []
+        # Called with (kind, payload) for csi, never on a FUSE request's path: "versions"
+        # ({volume_id, objects}: a volume's object versions changed) and "event" ({volume_id,
+        # reason, message, type}: a Kubernetes Event for its pod). Payloads carry no secret.
+        self.on_event: list[Callable[[str, dict[str, Any]], None]] = []
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -203,6 +213,7 @@ class Volumes:
                 len(failed),
                 len(vol.plan.files),
                 failed[0],
+                extra=fields(vol, error=failed[0]),
             )
 
     def refresh_identity(self, volume_id: str, identity: Identity) -> None:
@@ -257,6 +268,7 @@ class Volumes:
         if changed:
             for cb in self.on_inodes_changed:
                 cb(changed)
+            self._emit("versions", {"volume_id": new.id, "objects": self.versions(new)})
         if self.revoke_leases:
             # The old material was replaced, as a re-issue replaces it: its leases are revoked
             # after the same grace (a lease on a value another volume still serves is kept).
@@ -422,16 +434,19 @@ class Volumes:
             return {}
         try:
             results = await self._fetch(vol, list(wanted))
-        except FetchError:
+        except FetchError as exc:
+            self._refresh_failed(dict.fromkeys(wanted.values(), exc))
             raise
         except Exception as exc:
             log_unexpected(log, "provider %s failed", vol.provider.name)
             first = specs[next(iter(wanted.values()))].object_name
-            raise FetchError(
+            err = FetchError(
                 first if len(wanted) == 1 else f"{first} and {len(wanted) - 1} more",
                 f"provider error ({type(exc).__name__})",
                 transient=True,
-            ) from None
+            )
+            self._refresh_failed(dict.fromkeys(wanted.values(), err))
+            raise err from None
         out: dict[Hashable, Fetched | FetchError] = {}
         for source, key in wanted.items():
             result = results.get(source)
@@ -446,6 +461,7 @@ class Volumes:
                 out[key] = FetchError(
                     specs[key].object_name, "the provider returned nothing", transient=True
                 )
+        self._refresh_failed({k: r for k, r in out.items() if isinstance(r, FetchError)})
         return out
 
     async def reload(self, volume_id: str | None = None) -> dict[str, int]:
@@ -534,15 +550,26 @@ class Volumes:
         return lim
 
     async def _fetch(self, vol: Volume, sources: Sequence[Hashable]) -> dict[Hashable, object]:
-        results = await trio.to_thread.run_sync(
-            vol.provider.fetch_sync,
-            vol.plan,
-            vol.identity,
-            list(sources),
-            limiter=self._limiter(vol.provider),
-            abandon_on_cancel=True,
-        )
-        return dict(results)
+        started = time.perf_counter()  # metrics: call count and latency by outcome
+        outcome: object = None
+        results: dict[Hashable, object]
+        try:
+            outcome = results = dict(
+                await trio.to_thread.run_sync(
+                    vol.provider.fetch_sync,
+                    vol.plan,
+                    vol.identity,
+                    list(sources),
+                    limiter=self._limiter(vol.provider),
+                    abandon_on_cancel=True,
+                )
+            )
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            metrics.provider_call(vol.plan.provider, time.perf_counter() - started, outcome)
+        return results
 
     async def _fetch_source(self, vol: Volume, spec: FileSpec) -> Fetched:
         """The value of ``spec``'s source, or FetchError (a provider bug becomes a transient
@@ -645,6 +672,7 @@ class Volumes:
                 why,
                 len(stale),
                 len(sources),
+                extra=fields(vol, error=failure.errors[0] if failure and failure.errors else None),
             )
 
     def _stale_fallback(
@@ -680,6 +708,60 @@ class Volumes:
         if inodes:
             for cb in self.on_inodes_changed:
                 cb(inodes)
+        if self.on_event:
+            for vol in list(self.volumes.values()):
+                if key in vol.keys.values():
+                    self._emit("versions", {"volume_id": vol.id, "objects": self.versions(vol)})
+
+    # --- what csi writes to the Kubernetes API (pod status objects, Events) --------------------
+
+    def versions(self, vol: Volume) -> list[dict[str, str]]:
+        """The version of each object ``vol`` serves now, as SecretProviderClassPodStatus lists
+        them (id: the file's path; sorted by id). Starts no fetch; files without a value are left
+        out."""
+        out: dict[str, str] = {}
+        for spec, key in vol.keys.items():
+            if spec.dynamic:
+                value = self.cache.peek(key, dynamic=True)
+            else:
+                hit = self.cache.stale(key)
+                value = hit[0] if hit is not None else None
+            if value is not None:
+                out[spec.path] = value.version
+        return [{"id": k, "version": out[k]} for k in sorted(out)]
+
+    def _emit(self, kind: str, payload: dict[str, Any]) -> None:
+        for cb in self.on_event:
+            cb(kind, payload)
+
+    def _warn(self, volume_id: str, reason: str, message: str) -> None:
+        if self.on_event:
+            payload = {"volume_id": volume_id, "reason": reason, "message": message}
+            self._emit("event", {**payload, "type": "Warning"})
+
+    def _refresh_failed(self, errors: Mapping[Hashable, FetchError]) -> None:
+        """A refresh failed: a Warning Event for each volume serving those keys (csi rate-limits
+        them). The messages are FetchError texts, which carry no secret or token."""
+        if not self.on_event:
+            return
+        for vol in list(self.volumes.values()):
+            failed = [(spec, key) for spec, key in vol.keys.items() if key in errors]
+            if not failed:
+                continue
+            spec, key = failed[0]
+            exc = errors[key]
+            names = ", ".join(sorted({repr(s.object_name) for s, _ in failed}))
+            hit = None if spec.dynamic else self.cache.stale(key)
+            if not exc.transient:
+                reason = VALUE_DROPPED
+                then = "the value is no longer served (the backend says it is gone or denied)"
+            elif hit is not None:
+                reason = SERVING_STALE
+                then = f"serving the value fetched {hit[1]:.0f} s ago until a refresh succeeds"
+            else:
+                reason = REFRESH_FAILED
+                then = "readers get EIO until a fetch succeeds"
+            self._warn(vol.id, reason, f"refreshing {names} failed: {exc}; {then}")
 
     @staticmethod
     def _warn_static_lease(vol: Volume, source: Hashable, dynamic: bool) -> None:
@@ -783,7 +865,13 @@ class Volumes:
                 return  # replaced meanwhile (a static value fetched again)
             # The material stays valid until the lease ends; dynamic material is issued anew
             # before that, at once if the backend says the lease is gone.
-            log.warning("volume %s: lease renewal failed: %s", vol.id, _why(exc))
+            log.warning(
+                "volume %s: lease renewal failed: %s",
+                vol.id,
+                _why(exc),
+                extra=fields(vol, error=exc, obj=_object(vol, key)),
+            )
+            self._warn(vol.id, LEASE_RENEWAL_FAILED, f"lease renewal failed: {_why(exc)}")
             vol.leases[key] = replace(lease, renewable=False)
             gone = isinstance(exc, FetchError) and exc.code == "LeaseInvalid"
             self._schedule_reissue(vol, key, trio.current_time(), soon=gone)
@@ -815,7 +903,7 @@ class Volumes:
         try:
             value = await self._issue(vol, key)
         except FetchError as exc:
-            self._reissue_failed(vol, key, str(exc))
+            self._reissue_failed(vol, key, str(exc), exc)
             return
         if self.volumes.get(vol.id) is not vol:
             # Removed while the answer came back: nothing serves the new material.
@@ -859,7 +947,9 @@ class Volumes:
         return result
 
     @staticmethod
-    def _reissue_failed(vol: Volume, key: Hashable, why: str) -> None:
+    def _reissue_failed(
+        vol: Volume, key: Hashable, why: str, error: FetchError | None = None
+    ) -> None:
         now = trio.current_time()
         n = vol.reissue_failures[key] = vol.reissue_failures.get(key, 0) + 1
         delay = min(REISSUE_MAX_BACKOFF, 2.0 ** (n - 1))
@@ -879,6 +969,7 @@ class Volumes:
             delay,
             served,
             why,
+            extra=fields(vol, obj=_object(vol, key), error=error),
         )
 
     async def _retire_due(self, vol: Volume) -> None:
@@ -904,7 +995,12 @@ class Volumes:
                 abandon_on_cancel=True,
             )
         except Exception as exc:
-            log.warning("volume %s: lease revocation failed: %s", vol.id, _why(exc))
+            log.warning(
+                "volume %s: lease revocation failed: %s",
+                vol.id,
+                _why(exc),
+                extra=fields(vol, error=exc),
+            )
 
     async def _revoke(self, vol: Volume) -> None:
         revoke = getattr(vol.provider, "revoke_sync", None)
@@ -930,6 +1026,7 @@ class Volumes:
                 "leases are left to expire",
                 vol.id,
                 REVOKE_DEADLINE,
+                extra=fields(vol, error_type="Timeout"),
             )
 
 
@@ -970,6 +1067,11 @@ def _why(exc: Exception) -> str:
     no secret, token or lease id), else only the exception's type (an SDK's text could quote
     data)."""
     return str(exc) if isinstance(exc, FetchError) else f"provider error ({type(exc).__name__})"
+
+
+def _object(vol: Volume, key: Hashable) -> str | None:
+    """The first object served from ``key`` (the ``object`` log field)."""
+    return min((s.object_name for s, k in vol.keys.items() if k == key), default=None)
 
 
 def _names(vol: Volume, key: Hashable) -> str:

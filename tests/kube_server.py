@@ -1,11 +1,18 @@
 """A small Kubernetes API server for tests: real HTTP on 127.0.0.1, the API's paths and JSON.
 
 Serves GET of namespaced SecretProviderClasses
-(``/apis/secrets-store.csi.x-k8s.io/v1/namespaces/NS/secretproviderclasses/NAME``) and
-ServiceAccounts (``/api/v1/namespaces/NS/serviceaccounts/NAME``), answering a missing object with
+(``/apis/secrets-store.csi.x-k8s.io/v1/namespaces/NS/secretproviderclasses/NAME``),
+ServiceAccounts (``/api/v1/namespaces/NS/serviceaccounts/NAME``) and Nodes
+(``/api/v1/nodes/NAME``), answering a missing object with
 a 404 ``Status`` object as the real API does, so the official ``kubernetes`` client library is
 exercised end to end. ``kubeconfig(path)`` writes a kubeconfig pointing at it (no credentials:
 the server does not authenticate). ``requests`` records every path asked for.
+
+Writes: SecretProviderClassPodStatuses (POST, GET, PATCH as a JSON merge patch, DELETE under
+``/apis/secrets-store.csi.x-k8s.io/v1/namespaces/NS/secretproviderclasspodstatuses``) and Events
+(POST, PATCH under ``/api/v1/namespaces/NS/events``), stored in ``pod_statuses`` and ``events``;
+``writes`` records each write as (method, path, body). ``fail_writes`` answers every write with
+that HTTP status (reads still work).
 
 Fixture: ``kube_api`` (function scope) yields a running :class:`KubeServer`.
 """
@@ -25,6 +32,7 @@ import yaml
 
 GROUP = "secrets-store.csi.x-k8s.io"
 CREATED = "2026-01-01T00:00:00Z"
+PLURAL_STATUS = "secretproviderclasspodstatuses"
 
 
 def _meta(namespace: str, name: str, **extra: Any) -> dict[str, Any]:
@@ -42,8 +50,14 @@ class KubeServer:
     def __init__(self) -> None:
         self.spcs: dict[tuple[str, str], dict[str, Any]] = {}
         self.service_accounts: dict[tuple[str, str], dict[str, Any]] = {}
+        self.nodes: dict[str, dict[str, Any]] = {}
         self.requests: list[str] = []
         self.fail_with: int | None = None  # answer every request with this HTTP status
+        self.fail_writes: int | None = None  # answer every write with this HTTP status
+        self.pod_statuses: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: dict[tuple[str, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, str, Any]] = []
+        self._lock = threading.Lock()
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         server.daemon_threads = True
         self._server = server
@@ -79,6 +93,12 @@ class KubeServer:
             "metadata": meta,
         }
 
+    def add_node(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """A Node (cluster-scoped, ``/api/v1/nodes/NAME``) with ``labels``."""
+        meta = _meta("", name, labels=labels or {})
+        del meta["namespace"]
+        self.nodes[name] = {"apiVersion": "v1", "kind": "Node", "metadata": meta}
+
     def kubeconfig(self, path: Path) -> Path:
         cfg = {
             "apiVersion": "v1",
@@ -93,11 +113,21 @@ class KubeServer:
 
     # --- HTTP ---
 
-    def answer(self, path: str) -> tuple[int, dict[str, Any]]:
+    def answer(
+        self, path: str, method: str = "GET", body: Any = None
+    ) -> tuple[int, dict[str, Any]]:
         self.requests.append(path)
         if self.fail_with is not None:
             return self.fail_with, _status(self.fail_with, "InternalError", "injected failure")
         parts = path.split("?", 1)[0].strip("/").split("/")
+        if method != "GET" or _collection(parts) is not None:
+            with self._lock:
+                if method != "GET":
+                    self.writes.append((method, path, body))
+                if self.fail_writes is not None and method != "GET":
+                    code = self.fail_writes
+                    return code, _status(code, "InternalError", "injected failure")
+                return self._write(parts, method, body)
         if (
             len(parts) == 7
             and parts[:3] == ["apis", GROUP, "v1"]
@@ -117,7 +147,69 @@ class KubeServer:
             if obj is None:
                 return 404, _not_found("serviceaccounts", parts[5], "")
             return 200, obj
+        if len(parts) == 4 and parts[:3] == ["api", "v1", "nodes"]:
+            node = self.nodes.get(parts[3])
+            if node is None:
+                return 404, _not_found("nodes", parts[3], "")
+            return 200, node
         return 404, _status(404, "NotFound", "the server could not find the requested resource")
+
+    def _write(self, parts: list[str], method: str, body: Any) -> tuple[int, dict[str, Any]]:
+        found = _collection(parts)
+        if found is None:
+            return 405, _status(405, "MethodNotAllowed", "not supported by the test server")
+        store, resource, group, namespace, name = found
+        objects = self.pod_statuses if store == "pod_statuses" else self.events
+        if method == "POST" and name is None:
+            if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
+                return 422, _status(422, "Invalid", "metadata.name is required")
+            key = (namespace, body["metadata"]["name"])
+            if key in objects:
+                return 409, _status(409, "AlreadyExists", f'{resource} "{key[1]}" already exists')
+            stored = {**body, "metadata": {**body["metadata"], **_meta(namespace, key[1])}}
+            objects[key] = stored
+            return 201, stored
+        if name is None:
+            return 405, _status(405, "MethodNotAllowed", "not supported by the test server")
+        obj = objects.get((namespace, name))
+        if obj is None:
+            return 404, _not_found(resource, name, group)
+        if method == "GET":
+            return 200, obj
+        if method == "PATCH":
+            patched = _merge(obj, body)
+            meta = patched.setdefault("metadata", {})
+            meta["resourceVersion"] = str(int(obj["metadata"].get("resourceVersion", "1")) + 1)
+            objects[(namespace, name)] = patched
+            return 200, patched
+        if method == "DELETE":
+            del objects[(namespace, name)]
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        return 405, _status(405, "MethodNotAllowed", "not supported by the test server")
+
+
+def _collection(parts: list[str]) -> tuple[str, str, str, str, str | None] | None:
+    """(store, resource, group, namespace, name or None) of a writable path, else None."""
+    pod_statuses = ["apis", GROUP, "v1", "namespaces"]
+    if len(parts) in (6, 7) and parts[:4] == pod_statuses and parts[5] == PLURAL_STATUS:
+        name = parts[6] if len(parts) == 7 else None
+        return "pod_statuses", f"{PLURAL_STATUS}.{GROUP}", GROUP, parts[4], name
+    if len(parts) in (5, 6) and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "events":
+        return "events", "events", "", parts[3], parts[5] if len(parts) == 6 else None
+    return None
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
 
 
 def _status(code: int, reason: str, message: str, **details: Any) -> dict[str, Any]:
@@ -150,7 +242,23 @@ def _handler(api: KubeServer) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
-            code, body = api.answer(self.path)
+            self._reply(*api.answer(self.path))
+
+        def do_POST(self) -> None:
+            self._reply(*api.answer(self.path, "POST", self._body()))
+
+        def do_PATCH(self) -> None:
+            self._reply(*api.answer(self.path, "PATCH", self._body()))
+
+        def do_DELETE(self) -> None:
+            self._reply(*api.answer(self.path, "DELETE", self._body()))
+
+        def _body(self) -> Any:
+            n = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(n) if n else b""
+            return json.loads(data) if data else None
+
+        def _reply(self, code: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")

@@ -115,7 +115,9 @@ async def test_operations_over_the_socket(
         await call(lambda: client.add("vol-2", bad, {}, ident, 0, 30))
     assert info.value.code == control.INVALID_ARGUMENT and "objectName" in info.value.message
     refreshed = await call(lambda: client.refresh("vol-1", {"sts.amazonaws.com": {"token": "n"}}))
+    objects = refreshed.pop("objects")  # what csi writes to the SecretProviderClassPodStatus
     assert refreshed == {"ok": True, "tokens": 1, "provider": "aws"}
+    assert [o["id"] for o in objects] == ["db"] and objects[0]["version"]
     # A restarted keeper gets the fresh token back, not the one of the first publish.
     exported = await call(lambda: client.export("vol-1"))
     assert exported["record"]["identity"]["tokens"] == {"sts.amazonaws.com": {"token": "n"}}

@@ -360,8 +360,14 @@ def test_rbac_is_minimal() -> None:
     assert granted == {
         ("secrets-store.csi.x-k8s.io", "secretproviderclasses", "get"),
         ("", "serviceaccounts", "get"),
+        ("", "nodes", "get"),  # the AWS region label of its own Node
         ("", "events", "create"),
         ("", "events", "patch"),
+        # One SecretProviderClassPodStatus per pod volume (csi/status.py)
+        *(
+            ("secrets-store.csi.x-k8s.io", "secretproviderclasspodstatuses", v)
+            for v in ("create", "get", "update", "patch", "delete")
+        ),
     }
     binding = one(objs, "ClusterRoleBinding")
     sa = one(objs, "ServiceAccount")
@@ -372,8 +378,8 @@ def test_rbac_is_minimal() -> None:
         one(objs, "DaemonSet", "-csi")["spec"]["template"]["spec"]["serviceAccountName"]
         == sa["metadata"]["name"]
     )
-    with_status = one(render({"rbac": {"podStatus": True}}), "ClusterRole", "-csi")["rules"]
-    assert any("secretproviderclasspodstatuses" in r["resources"] for r in with_status)
+    without = one(render({"rbac": {"podStatus": False}}), "ClusterRole", "-csi")["rules"]
+    assert not any("secretproviderclasspodstatuses" in r["resources"] for r in without)
     assert by_kind(render({"rbac": {"create": False}}), "ClusterRole") == []
     # Users keep the SecretProviderClass rights upstream aggregated into admin/edit/view.
     admin = one(objs, "ClusterRole", "-secretproviderclasses-admin")
@@ -439,7 +445,8 @@ def test_examples_validate() -> None:
 def test_example_spcs_pass_secretfs_check(monkeypatch: pytest.MonkeyPatch) -> None:
     from secretfs import spc as spc_mod
 
-    # The seed SPC names no region: in the cluster it comes from the daemon's AWS_REGION.
+    # The seed SPC names no region: in the cluster it comes from the node's label (or the
+    # daemon's AWS_REGION); plan() without a node (standalone) takes it from the environment.
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     files = sorted(
         f for f in EXAMPLES.glob("*.yaml") if "kind: SecretProviderClass" in f.read_text()

@@ -90,7 +90,7 @@ def test_volume_attributes_override_parameters(monkeypatch: pytest.MonkeyPatch) 
 def test_check_prints_the_files(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AWS_REGION", "us-east-1")  # the seed takes its region from the environment
+    monkeypatch.setenv("AWS_REGION", "us-east-1")  # offline check ignores it (tests/test_region.py)
     assert main(["check", str(ROOT / "examples" / "aws-seed.yaml")]) == 0
     out = capsys.readouterr().out
     assert "MyDatabasePassword" in out and "-rw-r--r--" in out and "provider aws" in out
