@@ -11,8 +11,10 @@ sent.
 from __future__ import annotations
 
 import errno
+import math
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +34,10 @@ pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.slow]
 SEED = yaml.safe_load((ROOT / "examples/aws-seed.yaml").read_text())
 NAME = "MyDatabasePassword"
 VALUE = "s3cr3t-value"
-# The bar: a stall bounded by the restart time, at most this long.
+# The bar: a read stalls no longer than the takeover it spans (from the kill to the next daemon
+# serving, measured: Takeovers) plus this, for the resent request and the value's fetch. Starting
+# Python is most of a takeover and grows with the machine's load, so the takeover is measured
+# rather than assumed.
 MAX_STALL = 5.0
 
 
@@ -107,6 +112,41 @@ def restart_daemon(node: CsiNode, sig: int = signal.SIGKILL) -> None:
     node.start_daemon()
 
 
+class Takeovers:
+    """Restarts ``node``'s daemon and measures each takeover: a thread polls the daemon's status
+    every 20 ms and notes when each new generation starts serving."""
+
+    def __init__(self, node: CsiNode) -> None:
+        self.node = node
+        self.kills: list[float] = []
+        self.served: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        last = None
+        while not self._stop.wait(0.02):
+            try:
+                now = generation(self.node)
+            except Exception:
+                continue
+            if now and now != last:
+                self.served.append(time.monotonic())
+            last = now or last
+
+    def restart(self, sig: int = signal.SIGKILL) -> None:
+        self.kills.append(time.monotonic())
+        restart_daemon(self.node, sig)
+
+    def longest(self) -> float:
+        """The longest wait from a kill to the next generation serving (seconds)."""
+        self._stop.set()
+        self._thread.join(5)
+        waits = [min((t for t in self.served if t > k), default=math.inf) - k for k in self.kills]
+        return max(waits, default=0.0)
+
+
 def generation(node: CsiNode) -> int:
     from secretfs import control
 
@@ -126,19 +166,21 @@ def test_kill_9_and_restart_is_a_stall_not_an_error(
         for line in limits.splitlines()
     )
     r = reader(tmp_path, target)
+    takeovers = Takeovers(node)
     try:
         time.sleep(0.3)
-        restart_daemon(node)
+        takeovers.restart()
         assert wait_for(lambda: generation(node) == 2, timeout=20)
         time.sleep(0.5)
     finally:
         summary = r.finish()
-    assert_clean(summary)
+    took = takeovers.longest()
+    assert_clean(summary, MAX_STALL + took)
     # The host path reads too, and the reader's bind never reached the host.
     assert (target / NAME).read_text() == VALUE
     assert not is_mounted(tmp_path / "ctr")
     assert metric(node, "secretfs_takeovers_total") == 1.0
-    assert metric(node, "secretfs_takeover_last_stall_seconds") < MAX_STALL
+    assert metric(node, "secretfs_takeover_last_stall_seconds") < MAX_STALL + took
     assert metric(node, "secretfs_takeover_resends_total") == 1.0
     assert metric(node, "secretfs_takeover_last_waiting_requests") >= 0
 
@@ -153,22 +195,20 @@ def test_kill_9_at_random_moments_with_reads_in_flight(
     (target,) = published(node, tmp_path)
     rng = random.Random(9)
     r = reader(tmp_path, target, threads=4)
-    slowest = 0.0  # the longest a restart took to start a daemon (grows with the machine's load)
+    takeovers = Takeovers(node)
     try:
         for _ in range(20):
             # A random moment: sometimes while the previous takeover is still under way.
             time.sleep(rng.uniform(0.0, 1.2))
-            began = time.monotonic()
-            restart_daemon(node)
-            slowest = max(slowest, time.monotonic() - began)
+            takeovers.restart()
         assert wait_for(lambda: generation(node) > 1, timeout=20)
         time.sleep(0.5)
     finally:
         summary = r.finish()
-    # A kill can land before the previous daemon took over: a read then waits through both
-    # restarts. The guarantee is "bounded by the restarts", so two of them here, each as slow as
-    # the slowest daemon start seen (on a loaded machine, starting Python takes seconds).
-    assert_clean(summary, 2 * (MAX_STALL + slowest))
+    # A kill can land before the previous daemon took over: the wait from that kill to the next
+    # generation serving then spans both restarts, and a read may also wait for a resend that a
+    # killed generation had taken: bounded by the takeovers, twice the margin.
+    assert_clean(summary, 2 * MAX_STALL + takeovers.longest())
     logs = node.log("daemon")
     assert "unanswered requests resent" in logs
     assert int(metric(node, "secretfs_takeovers_total")) >= 10
@@ -178,15 +218,17 @@ def test_sigterm_upgrade_path(make_node: Callable[..., CsiNode], tmp_path: Path)
     node = make_node()
     targets = published(node, tmp_path, pods=2)
     readers = [reader(tmp_path, t, f"ctr{i}") for i, t in enumerate(targets)]
+    takeovers = Takeovers(node)
     try:
         for expected in (2, 3):
-            restart_daemon(node, signal.SIGTERM)
+            takeovers.restart(signal.SIGTERM)
             assert wait_for(lambda e=expected: generation(node) == e, timeout=20)  # type: ignore[misc]
         time.sleep(0.3)
     finally:
         summaries = [r.finish() for r in readers]
+    took = takeovers.longest()
     for summary in summaries:
-        assert_clean(summary)
+        assert_clean(summary, MAX_STALL + took)
     assert "exiting" not in node.log("daemon")  # a SIGTERM'd daemon leaves quietly
 
 
@@ -196,19 +238,20 @@ def test_csi_restart_between_daemon_restarts(
     node = make_node()
     (target,) = published(node, tmp_path)
     r = reader(tmp_path, target)
+    takeovers = Takeovers(node)
     try:
-        restart_daemon(node)
+        takeovers.restart()
         assert wait_for(lambda: generation(node) == 2, timeout=20)
         # The keeper dies; the daemon holds the connection and gives it back to the next one.
         node.kill("csi")
         node.start_csi()
         assert wait_for(lambda: "took the FUSE connection back" in node.log("csi"), timeout=20)
-        restart_daemon(node)
+        takeovers.restart()
         assert wait_for(lambda: generation(node) == 3, timeout=20)
         time.sleep(0.3)
     finally:
         summary = r.finish()
-    assert_clean(summary)
+    assert_clean(summary, MAX_STALL + takeovers.longest())
     # Publishing and unpublishing still work, on the same connection.
     other = node.publish(Pod("app-9", "7a000000-0000-0000-0000-000000000009"))
     assert (other / NAME).read_text() == VALUE
