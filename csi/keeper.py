@@ -317,8 +317,9 @@ class Keeper:
                     if not self._erofs_said:
                         self._erofs_said = True
                         log.warning(
-                            "no change announcements: the node root was mounted read-only by "
-                            "an earlier release; they start with the next node root"
+                            "no change announcements: the node root's superblock is read-only "
+                            "(mounted so by an earlier release, and remounting it failed); they "
+                            "start with the next node root"
                         )
                 else:
                     log.warning("announcing a change of %s failed: %s", path, os.strerror(err))
