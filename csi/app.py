@@ -38,6 +38,8 @@ class CsiOptions:
     takeover_timeout: float = 0.0
     kubelet_root: str = "/var/lib/kubelet"
     lock_memory: bool = False
+    # Sync spec.secretObjects into Kubernetes Secrets (csi/sync.py); off: a warning per class.
+    sync_secrets: bool = False
 
 
 def run(opts: CsiOptions) -> int:
@@ -54,7 +56,9 @@ def run(opts: CsiOptions) -> int:
         client, kube_api, opts.mount_root, keeper, opts.kubelet_root, node_name=opts.node_id
     )
     # SecretProviderClassPodStatus objects and Events, written by a thread of their own.
-    node.objects = KubeObjects(kube_api, opts.node_id)
+    node.objects = KubeObjects(
+        kube_api, opts.node_id, sync_root=opts.mount_root if opts.sync_secrets else None
+    )
     node.objects.install(keeper.handlers)
 
     def register(server: object) -> None:

@@ -299,7 +299,12 @@ class Node:
                 metrics.FAILED_TO_MOUNT,
             ) from None
         if self.objects is not None:  # queued, never failing the publish (csi/status.py)
-            self._track(req, added, secret_objects=spc.secret_objects)
+            self._track(
+                req,
+                added,
+                secret_objects=spc.secret_objects,
+                secret_problems=spc.secret_object_problems,
+            )
         return "published"
 
     def _track(self, req: Publish, answer: dict[str, Any], **kw: Any) -> None:
@@ -330,10 +335,30 @@ class Node:
             raise daemon_error(exc) from None
         self.keeper.update_identity(req.volume_id, tokens=req.tokens, secrets=req.secrets)
         annotate(provider=str(answer.get("provider", "")))
-        if self.objects is not None and not self.objects.known(req.volume_id):
-            # This process restarted since the publish: its status object is tracked again.
-            self._track(req, answer)
+        if self.objects is not None:
+            if self.objects.known(req.volume_id):
+                self.objects.republished(req.volume_id)
+            else:
+                # This process restarted since the publish: its status object (and its synced
+                # Secrets) are tracked again.
+                self._track(req, answer, **self._secret_objects(req))
         self._refresh_on_request(req, deadline)
+
+    def _secret_objects(self, req: Publish) -> dict[str, Any]:
+        """The class's secretObjects, from the class cache ({} if it cannot be read now: the
+        Secrets are then written again by the next process that knows them)."""
+        if self.objects is None or self.objects.sync is None:
+            return {}
+        try:
+            obj = self.kube.cached_secret_provider_class(req.namespace, req.spc_name)
+            spc = spc_mod.from_object(obj, f"SecretProviderClass {req.namespace}/{req.spc_name}")
+        except (kube.KubeError, spc_mod.SpcError) as exc:
+            log.warning("volume %s: its secretObjects are not synced now: %s", req.volume_id, exc)
+            return {}
+        return {
+            "secret_objects": spc.secret_objects,
+            "secret_problems": spc.secret_object_problems,
+        }
 
     def _refresh_on_request(self, req: Publish, deadline: float) -> None:
         """The class's secretfs.io/refresh annotation differs from the value this volume last

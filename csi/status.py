@@ -1,5 +1,6 @@
 """What csi writes to the Kubernetes API about its volumes: a SecretProviderClassPodStatus per pod
-volume (upstream's names and fields) and Events (events.py).
+volume (upstream's names and fields), Events (events.py) and, when secret sync is on, the Secrets
+of classes' secretObjects (sync.py).
 
 The daemon reports on the keeper's watch (``{"versions": {volume_id, objects}}`` when a volume's
 object versions change, ``{"event": {volume_id, reason, message, type}}``); publish and
@@ -25,6 +26,8 @@ from kubernetes.client.exceptions import ApiException
 
 from csi import events
 from csi.kube import GROUP, VERSION, Kube
+from csi.sync import SecretSync
+from secretfs.spc import SecretObject
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +175,18 @@ class KubeObjects:
         node_id: str,
         writer: Writer | None = None,
         event_interval: float = events.EVENT_INTERVAL,
+        sync_root: str | None = None,
     ) -> None:
+        """``sync_root``: the node root mount, to sync secretObjects into Secrets from (None:
+        secret sync is off, and classes that ask for it get a warning)."""
         self.kube = kube
         self.node_id = node_id
         self.writer = writer or Writer()
         self.recorder = events.Recorder(kube, self.writer, node_id, event_interval)
+        self.sync: SecretSync | None = None
+        if sync_root is not None:
+            # Its own thread: reading a volume's files must not hold up status or Event writes.
+            self.sync = SecretSync(kube, Writer(), self.recorder, sync_root)
         self._lock = threading.Lock()
         self._volumes: dict[str, PodVolume] = {}
         self._by_name: dict[tuple[str, str], PodVolume] = {}
@@ -199,7 +209,8 @@ class KubeObjects:
         spc_name: str,
         target: str,
         objects: Any,
-        secret_objects: bool = False,
+        secret_objects: tuple[SecretObject, ...] = (),
+        secret_problems: tuple[str, ...] = (),
     ) -> None:
         """A volume is mounted (a publish, or a republish this process had no record of)."""
         if not (pod_name and pod_uid):
@@ -211,12 +222,19 @@ class KubeObjects:
             self._volumes[volume_id] = vol
             self._by_name[(namespace, vol.name)] = vol
         self._sync(namespace, vol.name)
-        if secret_objects:
-            where = f"SecretProviderClass {namespace}/{spc_name}"
+        where = f"SecretProviderClass {namespace}/{spc_name}"
+        spc = events.ref("SecretProviderClass", namespace, spc_name, api_version=f"{GROUP}/v1")
+        if self.sync is not None:
+            self.sync.published(vol, secret_objects)
+            if secret_problems:  # entries that cannot be synced
+                message = f"{where}: not synced: " + "; ".join(secret_problems)
+                log.warning("volume %s: %s", volume_id, message)
+                self.recorder.record(vol.pod, events.SECRET_OBJECTS_NOT_SYNCED, message)
+                self.recorder.record(spc, events.SECRET_OBJECTS_NOT_SYNCED, message)
+        elif secret_objects or secret_problems:
             log.warning("volume %s: %s: %s", volume_id, where, events.SECRET_OBJECTS_MESSAGE)
             message = f"{where}: {events.SECRET_OBJECTS_MESSAGE}"
             self.recorder.record(vol.pod, events.SECRET_OBJECTS_NOT_SYNCED, message)
-            spc = events.ref("SecretProviderClass", namespace, spc_name, api_version=f"{GROUP}/v1")
             self.recorder.record(spc, events.SECRET_OBJECTS_NOT_SYNCED, message)
 
     def known(self, volume_id: str) -> bool:
@@ -231,6 +249,14 @@ class KubeObjects:
             if self._by_name.get((vol.namespace, vol.name)) is vol:
                 del self._by_name[(vol.namespace, vol.name)]
         self._sync(vol.namespace, vol.name)
+        if self.sync is not None:
+            self.sync.unpublished(volume_id)
+
+    def republished(self, volume_id: str) -> None:
+        """A republish of a volume this process tracks (its Secrets are written again now and
+        then, as upstream's controller does)."""
+        if self.sync is not None:
+            self.sync.republished(volume_id)
 
     def on_versions(self, payload: dict[str, Any]) -> None:
         with self._lock:
@@ -239,6 +265,8 @@ class KubeObjects:
                 return
             vol.objects = _objects(payload.get("objects"))
         self._sync(vol.namespace, vol.name)
+        if self.sync is not None:
+            self.sync.changed(vol.volume_id)
 
     def on_event(self, payload: dict[str, Any]) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from providers import limits
 from providers.base import OFFLINE, ParameterError
 from secretfs.logs import setup_logging
 
@@ -171,6 +172,12 @@ def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True
     p.add_argument("--metrics-addr", default=":8095", help="Prometheus /metrics; empty: off")
     p.add_argument("--kubeconfig", default=None, help="default: in-cluster configuration")
     p.add_argument(
+        "--sync-secrets",
+        action="store_true",
+        help="write the Kubernetes Secrets a class's secretObjects asks for (stores those "
+        "values in etcd; default: off, with a warning per class)",
+    )
+    p.add_argument(
         "--kubelet-root",
         default="/var/lib/kubelet",
         help="the kubelet's root directory: target paths must lie in its pods/ (/var/lib/kubelet)",
@@ -202,8 +209,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.spc}: provider {plan.provider}, {len(plan.files)} file(s)")
     for note in plan.notes:
         print(f"{args.spc}: warning: {note}", file=sys.stderr)
-    if spc.secret_objects:
-        print(f"{args.spc}: warning: {spc_mod.SECRET_OBJECTS}", file=sys.stderr)
+    if spc.secret_objects or spc.secret_object_problems:
+        print(
+            f"{args.spc}: warning: {spc_mod.SECRET_OBJECTS}; a node with secret sync on "
+            "(syncSecret.enabled) writes them",
+            file=sys.stderr,
+        )
+        paths = {f.path for f in plan.files}
+        for so in spc.secret_objects:
+            for key, name in so.data:
+                if name not in paths:
+                    print(
+                        f"{args.spc}: warning: secret {so.secret_name} key {key}: objectName "
+                        f"{limits.quote(name)} is no file of this volume (files: "
+                        f"{', '.join(sorted(paths)[:10]) or 'none'})",
+                        file=sys.stderr,
+                    )
+        for problem in spc.secret_object_problems:
+            print(f"{args.spc}: warning: not synced: {problem}", file=sys.stderr)
     if plan.ttl is not None:
         print(
             f"  ttl: {plan.ttl:g} s (annotation {spc_mod.TTL_ANNOTATION}; a node keeps it within "
@@ -377,6 +400,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
             takeover_timeout=args.takeover_timeout,
             kubelet_root=args.kubelet_root,
             lock_memory=getattr(args, "lock_memory", False),
+            sync_secrets=args.sync_secrets,
         )
     )
 
@@ -406,6 +430,8 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     csi += ["--takeover-timeout", str(args.takeover_timeout), "--kubelet-root", args.kubelet_root]
     if args.kubeconfig:
         csi += ["--kubeconfig", args.kubeconfig]
+    if args.sync_secrets:
+        csi.append("--sync-secrets")
     return daemon, csi
 
 

@@ -46,10 +46,19 @@ _UNIT = {
 }
 
 
-# What `secretfs check`, csi's log and the pod's Event say about spec.secretObjects.
+# What `secretfs check`, csi's log and the pod's Event say about spec.secretObjects when the
+# node's secret sync is off (csi --sync-secrets; chart syncSecret.enabled).
 SECRET_OBJECTS = (
     "secretObjects is not synced (secret sync is off: it would store the value in etcd)"
 )
+# Bounds on spec.secretObjects (what one class may ask csi to write).
+MAX_SECRET_OBJECTS = 64
+MAX_SECRET_KEYS = 256  # data entries of one Secret
+MAX_META_ENTRIES = 64  # labels, annotations
+MAX_META_BYTES = 64 * 1024
+# Kubernetes' own rules: a Secret's name is a DNS subdomain; a data key is [-._a-zA-Z0-9]+.
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
 class SpcError(ValueError):
@@ -63,9 +72,106 @@ class SecretProviderClass:
     provider: str
     parameters: Mapping[str, str]
     ttl: float | None = None  # seconds, from the annotation secretfs.io/ttl
-    # spec.secretObjects is set: upstream would sync those objects into Kubernetes Secrets, which
-    # is not offered (it would store the values in etcd); csi and `check` warn (SECRET_OBJECTS).
-    secret_objects: bool = False
+    # spec.secretObjects: Kubernetes Secrets to keep in sync with the volume's files. Only a node
+    # that opts in (csi --sync-secrets) writes them (csi/sync.py); otherwise csi and `check` warn
+    # (SECRET_OBJECTS). Entries that cannot be synced are in secret_object_problems.
+    secret_objects: tuple[SecretObject, ...] = ()
+    secret_object_problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SecretObject:
+    """One entry of spec.secretObjects: a Secret and which mounted file fills each key."""
+
+    secret_name: str
+    type: str
+    data: tuple[tuple[str, str], ...]  # (key, objectName: a file path in the volume)
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _string_map(value: Any, where: str, problems: list[str]) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{where} must be a mapping")
+        return {}
+    if len(value) > MAX_META_ENTRIES:
+        problems.append(f"{where} has {len(value)} entries; at most {MAX_META_ENTRIES}")
+        return {}
+    out = {str(k): v for k, v in value.items() if isinstance(v, str)}
+    if len(out) != len(value):
+        problems.append(f"{where}: every value must be a string; quote it in the YAML")
+        return {}
+    if sum(len(k) + len(v) for k, v in out.items()) > MAX_META_BYTES:
+        problems.append(f"{where} is larger than {MAX_META_BYTES} bytes")
+        return {}
+    return out
+
+
+def parse_secret_objects(value: Any) -> tuple[tuple[SecretObject, ...], tuple[str, ...]]:
+    """spec.secretObjects as entries that can be synced, and what is wrong with the others
+    (each problem names the entry and the field). Bounded before any work per entry."""
+    if value is None or value == []:
+        return (), ()
+    if not isinstance(value, list):
+        return (), ("spec.secretObjects must be a list",)
+    if len(value) > MAX_SECRET_OBJECTS:
+        return (), (f"spec.secretObjects has {len(value)} entries; at most {MAX_SECRET_OBJECTS}",)
+    objects: list[SecretObject] = []
+    problems: list[str] = []
+    names: set[str] = set()
+    for i, item in enumerate(value):
+        where = f"spec.secretObjects[{i}]"
+        before = len(problems)
+        if not isinstance(item, dict):
+            problems.append(f"{where} must be a mapping")
+            continue
+        name = item.get("secretName")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}.secretName is required")
+        elif len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+            problems.append(
+                f"{where}.secretName {limits.quote(name)} is not a valid Secret name (lower-case "
+                "letters, digits, '-' and '.', at most 253 characters)"
+            )
+        elif name in names:
+            problems.append(f"{where}.secretName {name} is named twice")
+        kind = item.get("type")
+        if not isinstance(kind, str) or not kind or len(kind) > 253:
+            problems.append(f"{where}.type is required (Opaque, kubernetes.io/tls, ...)")
+        data = item.get("data")
+        pairs: list[tuple[str, str]] = []
+        if not isinstance(data, list) or not data:
+            problems.append(f"{where}.data must list at least one {{objectName, key}}")
+        elif len(data) > MAX_SECRET_KEYS:
+            problems.append(f"{where}.data has {len(data)} entries; at most {MAX_SECRET_KEYS}")
+        else:
+            keys: set[str] = set()
+            for j, entry in enumerate(data):
+                at = f"{where}.data[{j}]"
+                key = entry.get("key") if isinstance(entry, dict) else None
+                obj = entry.get("objectName") if isinstance(entry, dict) else None
+                if not isinstance(key, str) or len(key) > 253 or not _SECRET_KEY.fullmatch(key):
+                    problems.append(
+                        f"{at}.key {limits.quote(key)} is not a valid Secret key "
+                        "([-._a-zA-Z0-9]+, at most 253 characters)"
+                    )
+                elif key in keys:
+                    problems.append(f"{at}.key {key} is used twice")
+                keys.add(str(key))
+                if not isinstance(obj, str) or not obj:
+                    problems.append(f"{at}.objectName is required (a file of the volume)")
+                else:
+                    problems += [f"{at}.objectName: {p.message}" for p in check_path(obj, None, "")]
+                pairs.append((str(key), str(obj)))
+        labels = _string_map(item.get("labels"), f"{where}.labels", problems)
+        annotations = _string_map(item.get("annotations"), f"{where}.annotations", problems)
+        if len(problems) == before:
+            assert isinstance(name, str) and isinstance(kind, str)
+            names.add(name)
+            objects.append(SecretObject(name, kind, tuple(pairs), labels, annotations))
+    return tuple(objects), tuple(problems)
 
 
 def parse_ttl(value: object) -> float:
@@ -142,13 +248,15 @@ def from_object(obj: Any, source: str = "document") -> SecretProviderClass:
     if problems:
         raise SpcError(f"{source}: " + "; ".join(problems))
     assert isinstance(provider, str)
+    secret_objects, secret_problems = parse_secret_objects(spec.get("secretObjects"))
     return SecretProviderClass(
         name=str(name or ""),
         namespace=str(namespace) if namespace else None,
         provider=provider,
         parameters=parameters,
         ttl=ttl,
-        secret_objects=bool(spec.get("secretObjects")),
+        secret_objects=secret_objects,
+        secret_object_problems=secret_problems,
     )
 
 

@@ -11,6 +11,9 @@ the server does not authenticate). ``requests`` records every path asked for.
 Writes: SecretProviderClassPodStatuses (POST, GET, PATCH as a JSON merge patch, DELETE under
 ``/apis/secrets-store.csi.x-k8s.io/v1/namespaces/NS/secretproviderclasspodstatuses``) and Events
 (POST, PATCH under ``/api/v1/namespaces/NS/events``), stored in ``pod_statuses`` and ``events``;
+Secrets (POST, GET, PUT with the API's optimistic concurrency: a stale ``resourceVersion`` gets
+409, DELETE honouring ``preconditions.resourceVersion``) under ``/api/v1/namespaces/NS/secrets``,
+stored in ``secrets``;
 ``writes`` records each write as (method, path, body). ``fail_writes`` answers every write with
 that HTTP status (reads still work).
 
@@ -56,6 +59,7 @@ class KubeServer:
         self.fail_writes: int | None = None  # answer every write with this HTTP status
         self.pod_statuses: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: dict[tuple[str, str], dict[str, Any]] = {}
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self.writes: list[tuple[str, str, Any]] = []
         self._lock = threading.Lock()
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -159,7 +163,11 @@ class KubeServer:
         if found is None:
             return 405, _status(405, "MethodNotAllowed", "not supported by the test server")
         store, resource, group, namespace, name = found
-        objects = self.pod_statuses if store == "pod_statuses" else self.events
+        objects = {
+            "pod_statuses": self.pod_statuses,
+            "events": self.events,
+            "secrets": self.secrets,
+        }[store]
         if method == "POST" and name is None:
             if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
                 return 422, _status(422, "Invalid", "metadata.name is required")
@@ -182,7 +190,22 @@ class KubeServer:
             meta["resourceVersion"] = str(int(obj["metadata"].get("resourceVersion", "1")) + 1)
             objects[(namespace, name)] = patched
             return 200, patched
+        version = str(obj["metadata"].get("resourceVersion", "1"))
+        if method == "PUT":
+            asked = ((body or {}).get("metadata") or {}).get("resourceVersion")
+            if asked and str(asked) != version:
+                return 409, _conflict(resource, name)
+            meta = {
+                **body["metadata"],
+                **{k: obj["metadata"][k] for k in ("uid", "creationTimestamp")},
+            }
+            meta["resourceVersion"] = str(int(version) + 1)
+            objects[(namespace, name)] = {**body, "metadata": meta}
+            return 200, objects[(namespace, name)]
         if method == "DELETE":
+            asked = ((body or {}).get("preconditions") or {}).get("resourceVersion")
+            if asked and str(asked) != version:
+                return 409, _conflict(resource, name)
             del objects[(namespace, name)]
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
         return 405, _status(405, "MethodNotAllowed", "not supported by the test server")
@@ -196,6 +219,8 @@ def _collection(parts: list[str]) -> tuple[str, str, str, str, str | None] | Non
         return "pod_statuses", f"{PLURAL_STATUS}.{GROUP}", GROUP, parts[4], name
     if len(parts) in (5, 6) and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "events":
         return "events", "events", "", parts[3], parts[5] if len(parts) == 6 else None
+    if len(parts) in (5, 6) and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "secrets":
+        return "secrets", "secrets", "", parts[3], parts[5] if len(parts) == 6 else None
     return None
 
 
@@ -227,6 +252,15 @@ def _status(code: int, reason: str, message: str, **details: Any) -> dict[str, A
     return out
 
 
+def _conflict(resource: str, name: str) -> dict[str, Any]:
+    return _status(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {resource} "{name}": the object has been modified; '
+        "please apply your changes to the latest version and try again",
+    )
+
+
 def _not_found(resource: str, name: str, group: str) -> dict[str, Any]:
     kind = resource.split(".", 1)[0]
     return _status(
@@ -249,6 +283,9 @@ def _handler(api: KubeServer) -> type[BaseHTTPRequestHandler]:
 
         def do_PATCH(self) -> None:
             self._reply(*api.answer(self.path, "PATCH", self._body()))
+
+        def do_PUT(self) -> None:
+            self._reply(*api.answer(self.path, "PUT", self._body()))
 
         def do_DELETE(self) -> None:
             self._reply(*api.answer(self.path, "DELETE", self._body()))

@@ -380,6 +380,19 @@ def test_rbac_is_minimal() -> None:
     )
     without = one(render({"rbac": {"podStatus": False}}), "ClusterRole", "-csi")["rules"]
     assert not any("secretproviderclasspodstatuses" in r["resources"] for r in without)
+    # Secret sync is opt-in: only then may csi touch Secrets, and only then is it asked to.
+    csi_args = one(objs, "DaemonSet", "-csi")["spec"]["template"]["spec"]["containers"]
+    assert not any("--sync-secrets" in c.get("args", []) for c in csi_args)
+    synced = render({"syncSecret": {"enabled": True}})
+    sync_rules = one(synced, "ClusterRole", "-csi")["rules"]
+    assert {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["create", "get", "update", "delete"],
+    } in sync_rules
+    containers = one(synced, "DaemonSet", "-csi")["spec"]["template"]["spec"]["containers"]
+    csi = next(c for c in containers if c["name"] == "csi")
+    assert "--sync-secrets" in csi["args"]
     assert by_kind(render({"rbac": {"create": False}}), "ClusterRole") == []
     # Users keep the SecretProviderClass rights upstream aggregated into admin/edit/view.
     admin = one(objs, "ClusterRole", "-secretproviderclasses-admin")
