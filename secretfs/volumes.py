@@ -66,6 +66,7 @@ class VolumeError(Exception):
         super().__init__(message)
         self.errors = tuple(errors)
 
+REISSUE_FAILED = "SecretReissueFailed"
 
 @dataclass
 class Volume:
@@ -946,9 +947,8 @@ class Volumes:
             ) from None
         return result
 
-    @staticmethod
     def _reissue_failed(
-        vol: Volume, key: Hashable, why: str, error: FetchError | None = None
+        self, vol: Volume, key: Hashable, why: str, error: FetchError | None = None
     ) -> None:
         now = trio.current_time()
         n = vol.reissue_failures[key] = vol.reissue_failures.get(key, 0) + 1
@@ -1038,6 +1038,12 @@ def ttl_problem(ttl: float, max_stale: float, min_ttl: float, max_ttl: float | N
         return f"--max-stale ({max_stale:g} s) must be at least --ttl ({ttl:g} s)"
     if not min_ttl > 0:
         return f"--min-ttl must be more than 0 seconds (got {min_ttl:g})"
+        self._warn(
+            vol.id,
+            REISSUE_FAILED,
+            f"issuing new {_names(vol, key)} failed ({n} in a row; next try in {delay:.0f} s; "
+            f"{served}): {why}",
+        )
     if max_ttl is not None:
         if not 0 < max_ttl <= max_stale:
             return f"--max-ttl ({max_ttl:g} s) must be more than 0 and at most --max-stale"

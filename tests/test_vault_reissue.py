@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -253,6 +254,8 @@ async def test_a_failing_reissue_retries_with_backoff_while_the_old_certificate_
     vault.add_pki_role("pki", "web", ttl=6, generate_lease=True)
     async with trio.open_nursery() as n:
         vols = Volumes(ttl=60, max_stale=600, revoke_leases=True)
+        reports: list[tuple[str, dict[str, Any]]] = []
+        vols.on_event.append(lambda kind, payload: reports.append((kind, payload)))
         vols.start(n)
         vol = await vols.add("vol-c", plan_for(vault, PKI_OBJECTS), AMBIENT, uid=0, gid=0)
         [old] = vault.issued_leases
@@ -299,6 +302,14 @@ async def test_a_failing_reissue_retries_with_backoff_while_the_old_certificate_
     assert "Vault failed PUT pki/issue/web (500: internal error)" in warnings[0].getMessage()
     assert "provider error (RuntimeError)" in warnings[1].getMessage()
     assert_clean(caplog.text, vault)
+    # Each failure is an Event on the pod too (csi records it), saying what and until when.
+    events = [p for k, p in reports if k == "event" and p["reason"] == volumes.REISSUE_FAILED]
+    assert [e["volume_id"] for e in events] == ["vol-c", "vol-c"]
+    assert all(e["type"] == "Warning" for e in events)
+    assert "issuing new object 'tls.crt' failed (1 in a row" in events[0]["message"]
+    assert "the current material is still served" in events[0]["message"]
+    assert "provider error (RuntimeError)" in events[1]["message"]
+    assert TOKEN not in repr(events) and first.decode() not in repr(events)
 
 
 # --- a real FUSE mount ------------------------------------------------------------------------
