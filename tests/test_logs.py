@@ -22,6 +22,7 @@ import providers
 from providers.base import FetchError, Identity
 from secretfs import fs as fs_mod
 from secretfs.fs import SecretFS
+from secretfs import logs as logs_mod
 from secretfs.logs import (
     AUDIT_LOGGER,
     AuditTrail,
@@ -207,6 +208,23 @@ def test_audit_trail_writes_what_is_queued_at_stop(audit_out: Collect) -> None:
     assert [o["path"] for o in opens] == [f"f{i}" for i in range(10)]
     assert opens[0]["pod_namespace"] == opens[0]["pod_name"] == "standalone"
     assert "pod_uid" not in opens[0] and trail.dropped == 0
+
+
+def test_audit_lines_built_without_records_are_the_formatters_lines() -> None:
+    """The writer's direct lines (no LogRecord) are exactly what the formatters make of the
+    audit record: same fields, order, quoting and timestamps."""
+    pod = Identity(namespace="team-a", service_account="app", pod_name="app-0", pod_uid="u-1")
+    bare = Identity(namespace="team-b", service_account="app")
+    items = [
+        (1764583200.0, "vol-1", pod, "db", 1000, 1000, 42, "v1"),
+        (1764583200.9995, "vol-2", bare, "dir/a b=c", 0, 0, 0, ""),
+        (1764583201.123, "standalone", None, 'q"uote\n', 65534, 65534, 7, "AWSCURRENT"),
+        (1764583202.5, "vol-3", pod, "données/ключ\u2028", 1, 2, 3, "v\u00e9"),
+    ]
+    for item in items:
+        record = logs_mod._audit_record(item)
+        assert logs_mod._audit_json(item) == JsonFormatter().format(record)
+        assert logs_mod._audit_text(item) == TextFormatter().format(record)
 
 
 # --- real mounts ----------------------------------------------------------------------------------
