@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from providers import limits
 from providers.base import OFFLINE, ParameterError
+from secretfs import __version__
 from secretfs.logs import setup_logging
 
 # The node daemon's control socket (secretfs daemon --socket; the chart's hostDir).
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--daemon-metrics-addr", default="", help="the daemon's --metrics-addr (off)")
     _add_log_options(n)
     return parser
+    parser.add_argument("--version", action="version", version=f"secretfs {__version__}")
 
 
 def _add_log_options(p: argparse.ArgumentParser) -> None:

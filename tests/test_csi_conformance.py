@@ -3,6 +3,7 @@ makes, over the real unix socket."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def code_of(call: object, request: object) -> grpc.StatusCode:
 def test_identity_service(node: CsiNode) -> None:
     ident = node.identity()
     info = ident.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
-    assert info.name == "secrets-store.csi.k8s.io" and info.vendor_version
+    assert info.name == "secrets-store.csi.k8s.io"
+    assert info.vendor_version == importlib.metadata.version("secretfs")  # = secretfs --version
     caps = ident.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     assert not any(c.service.type == c.service.CONTROLLER_SERVICE for c in caps.capabilities)
     probe = ident.Probe(csi_pb2.ProbeRequest())
