@@ -96,13 +96,22 @@ def record(method: str, code: str, seconds: float, provider: str, error_type: st
             node_unpublish_error.labels(OS_TYPE).inc()
 
 
-def serve(addr: str) -> None:
-    """Serve /metrics on ``addr`` (":8095" or "127.0.0.1:8095"); empty means off."""
+def serve(addr: str) -> bool:
+    """Serve /metrics on ``addr`` (":8095" or "127.0.0.1:8095"); empty means off. A port that
+    cannot be bound (busy, malformed) is logged and skipped, as in the daemon: metrics are never
+    worth keeping the kubelet's CSI socket down."""
     if not addr:
-        return
+        return False
     host, _, port = addr.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0")
+    try:
+        if not port.isdecimal():
+            raise ValueError("give HOST:PORT or :PORT with a port number")
+        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    except (OSError, ValueError) as exc:
+        log.error("metrics: cannot serve on %r (%s); running without metrics", addr, exc)
+        return False
     log.info("metrics on %s", addr)
+    return True
 
 
 announcements = Counter(

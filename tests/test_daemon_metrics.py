@@ -207,6 +207,26 @@ def test_daemon_and_node_take_a_metrics_address() -> None:
     assert csi[csi.index("--metrics-addr") + 1] == ":8095"
 
 
+@pytest.mark.expect_errors  # the two lines this test asks for
+def test_csi_metrics_on_a_busy_or_bad_address_are_skipped_with_a_clear_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """csi keeps serving the kubelet when its metrics port is taken (as the daemon does)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        assert csi_metrics.serve(addr) is False
+    assert csi_metrics.serve("127.0.0.1:http") is False
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"metrics: cannot serve on '{addr}'" in errors[0]
+    assert "running without metrics" in errors[0] and len(errors) == 2
+    assert "Address already in use" in errors[0] and "give HOST:PORT" in errors[1]
+    assert not any(r.exc_info for r in caplog.records)
+
+
 def test_kube_request_labels() -> None:
     label = csi_metrics.kube_request_labels
     base = "https://10.0.0.1:443"
