@@ -306,6 +306,7 @@ class _Parser:
             name = None
 
         kind = self._str(item, "objectType", obj)
+        kind_given = kind is not None
         if kind is not None and kind not in OBJECT_TYPES:
             self.bad(obj, "objectType", f"{kind!r} is not one of {', '.join(OBJECT_TYPES)}")
             kind = None
@@ -319,7 +320,8 @@ class _Parser:
             )
             mode = perm if perm is not None else mode
 
-        if name is not None:
+        if name is not None and (kind is not None or not kind_given or name.startswith("arn:")):
+            # (An objectType that was given but is wrong has been reported: not "required" too.)
             kind = self._check_name(name, kind, self.region, obj, "objectName")
         if kind == SSMPARAMETER and version and label:
             self.bad(obj, "objectVersionLabel", _SSM_BOTH)

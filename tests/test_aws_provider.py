@@ -366,6 +366,17 @@ def test_region_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p.field == "region" and "set parameter 'region'" in p.message
 
 
+def test_a_wrong_object_type_is_one_problem_not_two() -> None:
+    """'nope' is reported as not a type, not also as "objectType required"."""
+    probs = problems([{"objectName": "a", "objectType": "nope"}])
+    assert [(p.obj, p.field) for p in probs] == [("a", "objectType")]
+    assert "'nope' is not one of secretsmanager, ssmparameter" in probs[0].message
+    # A full ARN still settles the type when the one given is wrong: still the one problem.
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbCdEf"
+    probs = problems([{"objectName": arn, "objectType": "nope"}], region="us-east-1")
+    assert [(p.obj, p.field) for p in probs] == [(arn, "objectType")]
+
+
 def test_all_problems_are_collected_at_once() -> None:
     probs = problems(
         [
