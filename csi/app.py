@@ -21,7 +21,7 @@ from csi.publish import Node
 from csi.server import make_server
 from csi.status import KubeObjects
 from secretfs import control
-from secretfs.hardening import harden
+from secretfs.hardening import describe, harden
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run(opts: CsiOptions) -> int:
     # memory is locked only on request (--lock-memory): measured, mlockall makes it resident at
     # ~170 MiB instead of ~100 MiB (grpc and the Kubernetes client's libraries, thread stacks),
     # near the chart's limit, for tokens that expire within the hour and no secret values.
-    log.info("process hardening: %s", harden(opts.lock_memory))
+    log.info("process hardening: %s", describe(harden(opts.lock_memory)))
     kube_api = Kube(opts.kubeconfig)
     threading.Thread(target=kube_api.warm, name="warm", daemon=True).start()
     client = control.Client(opts.daemon_socket)

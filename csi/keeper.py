@@ -100,6 +100,10 @@ class Keeper:
         with self.lock:
             if self.conn is None:
                 return
+            if isinstance(answer.get("plugin_files"), list):
+                # An external provider's files, as it returned them: a new daemon generation
+                # rebuilds the volume from them without a call.
+                record = {**record, "files": answer["plugin_files"]}
             self.conn.volumes[volume_id] = {
                 "record": record,
                 "inodes": dict(answer.get("inodes") or {}),

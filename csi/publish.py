@@ -264,6 +264,9 @@ class Node:
             "attributes": req.attributes,
             "identity": identity,
             "gid": req.gid,
+            # The pod's target path: what upstream sends external providers (targetPath); kept
+            # in the record, so a restored volume tells them the same.
+            "target": req.target,
         }
         node, unread = self._node_facts(spc, req)
         if node is not None:

@@ -271,6 +271,21 @@ class NodeAware(Protocol):
     ) -> Plan: ...
 
 
+class Expanding(Protocol):
+    """Optional extra of a provider whose files are only known from its answer (external provider
+    plugins: upstream's Mount returns the whole volume). ``parse`` plans no files; the daemon
+    calls ``expand_sync`` (in a worker thread) when the volume is added, for the plan with its
+    files and their first values by source, sending ``target`` (where the volume is published).
+    ``replan`` rebuilds that plan from its recorded ``[[path, mode], ...]`` without a call (a new
+    daemon generation restoring a volume); ValueError if the record is unusable."""
+
+    def expand_sync(
+        self, plan: Plan, identity: Identity, target: str
+    ) -> tuple[Plan, dict[Hashable, Fetched]]: ...
+
+    def replan(self, plan: Plan, files: object, target: str) -> Plan: ...
+
+
 class LeaseManager(Protocol):
     """Optional extra of a provider whose dynamic sources carry leases (see :class:`Lease`).
 

@@ -60,6 +60,75 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         help="revoke dynamic secrets' leases (Vault) when a volume goes away",
     )
     p.add_argument("--no-mlock", action="store_true", help="do not lock memory against swap")
+    _add_plugin_options(p)
+
+
+# External providers (providers/plugin): where their sockets are, and the bounds of a call.
+PROVIDERS_DIRS_ENV = "SECRETFS_PROVIDERS_DIRS"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _add_plugin_options(p: argparse.ArgumentParser) -> None:
+    from providers.plugin.settings import DEFAULT_DIRS, DEFAULT_MAX_RECV, DEFAULT_TIMEOUT
+
+    p.add_argument(
+        "--providers-dir",
+        dest="providers_dirs",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="where external providers' sockets (<provider>.sock) are, in order; repeatable "
+        f"(default: ${PROVIDERS_DIRS_ENV}, a ':'-separated list, else "
+        f"{' then '.join(DEFAULT_DIRS)})",
+    )
+    p.add_argument(
+        "--max-call-recv-msg-size",
+        type=_positive_int,
+        default=DEFAULT_MAX_RECV,
+        metavar="BYTES",
+        help=f"largest answer accepted from an external provider ({DEFAULT_MAX_RECV})",
+    )
+    p.add_argument(
+        "--provider-timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long one call to an external provider may take ({DEFAULT_TIMEOUT:g})",
+    )
+
+
+def providers_dirs(args: argparse.Namespace) -> list[str]:
+    """The external providers' socket directories: the flags, else the environment, else
+    upstream's two defaults."""
+    from providers.plugin.settings import DEFAULT_DIRS
+
+    if args.providers_dirs:
+        return list(args.providers_dirs)
+    env = [d for d in os.environ.get(PROVIDERS_DIRS_ENV, "").split(":") if d]
+    return env or list(DEFAULT_DIRS)
+
+
+def _configure_plugins(args: argparse.Namespace) -> None:
+    from providers import plugin
+
+    plugin.configure(
+        dirs=providers_dirs(args),
+        max_recv=args.max_call_recv_msg_size,
+        timeout=args.provider_timeout,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="secretfs",
         description="Serve secrets from external managers as read-only files, from memory.",
     )
+    parser.add_argument("--version", action="version", version=f"secretfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mount", help="mount a SecretProviderClass file at a directory")
     m.add_argument("spc", help="SecretProviderClass YAML file")
-    m.add_argument("mountpoint")
+    m.add_argument("mountpoint", help="an empty directory to mount the files on")
     m.add_argument("--uid", type=int, default=os.getuid(), help="owner of the files")
     m.add_argument("--gid", type=int, default=os.getgid(), help="group of the files")
     m.add_argument(
@@ -98,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_options(m)
 
     c = sub.add_parser("check", help="validate a SecretProviderClass file offline")
-    c.add_argument("spc")
-    c.add_argument("--default-mode", type=_octal, default=0o644)
+    c.add_argument("spc", help="SecretProviderClass YAML file to validate (offline)")
+    c.add_argument(
+        "--default-mode", type=_octal, default=0o644, help="mode of files without one (0644)"
+    )
 
     u = sub.add_parser("umount", help="unmount a secretfs mount")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", help="a directory `secretfs mount` mounted")
 
     r = sub.add_parser(
         "refresh",
@@ -136,12 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--daemon-metrics-addr", default="", help="the daemon's --metrics-addr (off)")
     _add_log_options(n)
     return parser
-    parser.add_argument("--version", action="version", version=f"secretfs {__version__}")
 
 
 def _add_log_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the least severe lines logged (INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text, or one JSON object per line (text)",
+    )
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
@@ -158,7 +239,11 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
 def _add_csi_options(p: argparse.ArgumentParser, with_daemon_socket: bool = True) -> None:
     p.add_argument("--endpoint", default="unix:///csi/csi.sock", help="CSI socket for the kubelet")
     p.add_argument("--nodeid", required=True, help="this node's name (NodeGetInfo)")
-    p.add_argument("--drivername", default="secrets-store.csi.k8s.io")
+    p.add_argument(
+        "--drivername",
+        default="secrets-store.csi.k8s.io",
+        help="the CSI driver name (GetPluginInfo; the CSIDriver object's name)",
+    )
     if with_daemon_socket:  # else these come with the daemon's options (secretfs node)
         p.add_argument("--daemon-socket", default=DAEMON_SOCKET, help="the daemon's socket")
         p.add_argument(
@@ -251,6 +336,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     from secretfs import standalone
 
+    _configure_plugins(args)
     opts = standalone.MountOptions(
         ttl=args.ttl,
         max_stale=args.max_stale,
@@ -374,6 +460,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if problem:
         print(f"secretfs: {problem}", file=sys.stderr)
         return 2
+    _configure_plugins(args)
     opts = daemon.DaemonOptions(
         ttl=args.ttl,
         max_stale=args.max_stale,
@@ -417,6 +504,10 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.max_ttl is not None:
         daemon += ["--max-ttl", str(args.max_ttl)]
     daemon += ["--attr-timeout", str(args.attr_timeout)]
+    for d in providers_dirs(args):
+        daemon += ["--providers-dir", d]
+    daemon += ["--max-call-recv-msg-size", str(args.max_call_recv_msg_size)]
+    daemon += ["--provider-timeout", str(args.provider_timeout)]
     if args.daemon_metrics_addr:
         daemon += ["--metrics-addr", args.daemon_metrics_addr]
     for flag, on in (

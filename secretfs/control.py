@@ -291,10 +291,14 @@ class Client:
         gid: int,
         timeout: float,
         node: dict[str, str] | None = None,
+        target: str | None = None,
     ) -> dict[str, Any]:
         # ``node``: what csi read of its Node for this volume (the AWS region label); only sent
-        # when the volume needs it, so records of other volumes stay as they were.
+        # when the volume needs it, so records of other volumes stay as they were. ``target``:
+        # the pod's target path (external providers are told it).
         extra: dict[str, Any] = {} if node is None else {"node": node}
+        if target is not None:
+            extra["target"] = target
         return self.call(
             "add",
             volume_id=volume_id,

@@ -43,7 +43,7 @@ from secretfs import control, fusewire, metrics, takeover
 from secretfs import spc as spc_mod
 from secretfs.control import ControlError
 from secretfs.fs import ATTR_TIMEOUT, ROOT_INODE, SecretFS
-from secretfs.hardening import harden
+from secretfs.hardening import describe, harden
 from secretfs.logs import fields as log_fields
 from secretfs.logs import log_unexpected
 from secretfs.standalone import fuse_options
@@ -463,12 +463,18 @@ class Daemon:
         try:
             plan = await self._plan(spc, msg)
             try:
-                vol = await self.volumes.add(volume_id, plan, identity, uid=0, gid=gid)
+                vol = await self.volumes.add(
+                    volume_id, plan, identity, uid=0, gid=gid, target=target_of(msg, volume_id)
+                )
             except VolumeError as exc:
                 raise ControlError(classify(exc), f"{where}: {exc}") from None
         finally:
             self._pending.discard(volume_id)
         vol.record = record_request(msg)
+        plan = vol.plan  # an external provider's plan has its files only now
+        if hasattr(vol.provider, "expand_sync"):
+            # The files the provider returned: the next generation rebuilds them without a call.
+            vol.record["files"] = [[f.path, f.mode] for f in plan.files]
         log.info(
             "volume %s added: %s for %s/%s, %d file(s), gid %d",
             volume_id,
@@ -479,13 +485,16 @@ class Daemon:
             gid,
             extra=log_fields(vol),
         )
-        return {
+        answer = {
             "existing": False,
             "objects": self.volumes.versions(vol),
             "files": len(plan.files),
             "inodes": vol.inodes,
             "next_inode": self.volumes.tree.next_inode,
         }
+        if "files" in vol.record:
+            answer["plugin_files"] = vol.record["files"]
+        return answer
 
     async def restore(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         """A volume of an earlier generation, before ``attach``: same inode numbers, no fetch
@@ -510,11 +519,13 @@ class Daemon:
                 uid=0,
                 gid=int(record.get("gid") or 0),
                 restore={str(k): int(v) for k, v in inodes.items()},
+                target=target_of(record, volume_id),
+                files=record.get("files"),
             )
         finally:
             self._pending.discard(volume_id)
         vol.record = record
-        return {"files": len(plan.files), "inodes": vol.inodes}
+        return {"files": len(vol.plan.files), "inodes": vol.inodes}
 
     async def refresh(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         """A republish: fresh ``tokens``, and the nodePublishSecretRef data as it is now
@@ -594,9 +605,21 @@ class Daemon:
             identity.update(fields)
 
 
+def target_of(msg: dict[str, Any], volume_id: str) -> str:
+    """Where a volume is published, for external providers (their Mount's ``target_path``):
+    the pod's target path when csi sends it (``target``), else the volume's directory as the
+    daemon serves it. Never written to: only a provider's returned files are used."""
+    target = msg.get("target")
+    if isinstance(target, str) and target.startswith("/") and len(target) <= 4096:
+        return target
+    return f"/{volume_id}"
+
+
 def record_request(msg: dict[str, Any]) -> dict[str, Any]:
     """The parts of an ``add`` request that rebuild the volume in another generation."""
     record = {k: msg.get(k) for k in ("spc", "attributes", "identity", "gid")}
+    if isinstance(msg.get("target"), str):
+        record["target"] = msg["target"]
     if "node" in msg:  # what csi read of its Node (the AWS region): the same plan again
         record["node"] = msg["node"]
     return record
@@ -643,7 +666,7 @@ def _lock(path: str) -> int:
 
 
 async def serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon], None]) -> int:
-    log.info("process hardening: %s", harden(opts.lock_memory))
+    log.info("process hardening: %s", describe(harden(opts.lock_memory)))
     os.makedirs(os.path.dirname(socket_path) or ".", exist_ok=True)
     lock = await trio.to_thread.run_sync(_lock, socket_path + ".lock", abandon_on_cancel=True)
     try:

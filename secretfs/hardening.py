@@ -35,6 +35,18 @@ def _has_cap(cap: int) -> bool:
     return False
 
 
+_SAID = {
+    "core_dumps_off": ("core dumps off", "core dumps ON"),
+    "not_dumpable": ("not dumpable", "DUMPABLE"),
+    "memory_locked": ("memory locked", "memory not locked"),
+}
+
+
+def describe(done: dict[str, bool]) -> str:
+    """What ``harden`` did, for a log line: "core dumps off, not dumpable, memory locked"."""
+    return ", ".join(_SAID[k][0 if on else 1] if k in _SAID else k for k, on in done.items())
+
+
 def harden(lock_memory: bool = True) -> dict[str, bool]:
     """Apply what the process is allowed to; returns what took effect (for the log and tests)."""
     done = {"core_dumps_off": False, "not_dumpable": False, "memory_locked": False}

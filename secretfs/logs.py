@@ -377,9 +377,10 @@ def _audit_json(item: AuditItem) -> str:
     return "".join(parts)
 
 
-_json_string: Callable[[str], str] = getattr(
-    json.encoder, "c_encode_basestring_ascii", None
-) or json.encoder.py_encode_basestring_ascii
+_json_string: Callable[[str], str] = (
+    getattr(json.encoder, "c_encode_basestring_ascii", None)
+    or json.encoder.py_encode_basestring_ascii
+)
 
 
 def _audit_text(item: AuditItem) -> str:

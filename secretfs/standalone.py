@@ -17,7 +17,7 @@ from providers.base import AMBIENT, DEFAULT_MODE, ParameterError
 from secretfs import announce, metrics
 from secretfs import spc as spc_mod
 from secretfs.fs import ATTR_TIMEOUT, SecretFS
-from secretfs.hardening import harden
+from secretfs.hardening import describe, harden
 from secretfs.volumes import DEFAULT_MIN_TTL, VolumeError, Volumes, ttl_problem
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ async def run(
         ready(str(exc))
         return 1
     hardened = harden(opts.lock_memory)
-    log.info("process hardening: %s", hardened)
+    log.info("process hardening: %s", describe(hardened))
     volumes = Volumes(
         ttl=opts.ttl,
         max_stale=opts.max_stale,
@@ -175,8 +175,14 @@ async def run(
         volumes.start(nursery)
         metrics.serve(opts.metrics_addr, volumes)
         try:
-            await volumes.add(
-                STANDALONE_VOLUME, plan, AMBIENT, uid=opts.uid, gid=opts.gid, at_root=True
+            vol = await volumes.add(
+                STANDALONE_VOLUME,
+                plan,
+                AMBIENT,
+                uid=opts.uid,
+                gid=opts.gid,
+                at_root=True,
+                target=os.path.abspath(mountpoint),  # noqa: ASYNC240 (getcwd, no file I/O)
             )
         except VolumeError as exc:
             ready(f"cannot mount: {exc}")
@@ -211,7 +217,7 @@ async def run(
         if clone is not None:
             fs.announcer = _child_announcer(nursery, clone)
         fs.start(nursery)
-        log.info("mounted %s (%d files)", mountpoint, len(plan.files))
+        log.info("mounted %s (%d files)", mountpoint, len(vol.plan.files))
         ready(None)
 
         async def on_signal() -> None:

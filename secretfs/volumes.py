@@ -19,7 +19,16 @@ from typing import Any
 import trio
 
 from providers import get_provider
-from providers.base import Fetched, FetchError, FileSpec, Identity, Lease, Plan, Provider
+from providers.base import (
+    Expanding,
+    Fetched,
+    FetchError,
+    FileSpec,
+    Identity,
+    Lease,
+    Plan,
+    Provider,
+)
 from secretfs import metrics
 from secretfs.cache import CHANGED, FAILED, SecretCache
 from secretfs.logs import fields, log_unexpected
@@ -57,6 +66,7 @@ REFRESH_FAILED = "SecretRefreshFailed"
 SERVING_STALE = "SecretServedStale"
 VALUE_DROPPED = "SecretValueDropped"
 LEASE_RENEWAL_FAILED = "SecretLeaseRenewalFailed"
+REISSUE_FAILED = "SecretReissueFailed"
 
 
 class VolumeError(Exception):
@@ -66,7 +76,6 @@ class VolumeError(Exception):
         super().__init__(message)
         self.errors = tuple(errors)
 
-REISSUE_FAILED = "SecretReissueFailed"
 
 @dataclass
 class Volume:
@@ -160,19 +169,29 @@ class Volumes:
         gid: int,
         at_root: bool = False,
         restore: Mapping[str, int] | None = None,
+        target: str = "",
+        files: Any = None,
     ) -> Volume:
         """Fetch everything, then let the files appear. With ``restore`` (the inode map of the
         volume in an earlier daemon generation) the files appear at once with those numbers and
-        their values are fetched when first used (or by ``warm``)."""
+        their values are fetched when first used (or by ``warm``).
+
+        A provider whose files are only known from its answer (base.Expanding: external provider
+        plugins) expands the plan with one call first, whose values are the volume's first fetch;
+        ``target`` is the path the volume is published at (sent to it), ``files`` the expanded
+        files recorded by an earlier generation (a restore then makes no call)."""
         if volume_id in self.volumes:
             raise VolumeError(f"volume {volume_id!r} already exists")
         provider = get_provider(plan.provider)
+        given: dict[Hashable, Fetched] = {}
+        if hasattr(provider, "expand_sync"):
+            plan, given = await self._expand(provider, plan, identity, target, files, restore)
         vol = Volume(volume_id, plan, provider, identity, uid, gid)
         for spec in plan.files:
             vol.keys[spec] = self._key(vol, spec)
         self._log_clamped_ttl(vol)
         if restore is None:
-            await self._prefetch(vol)
+            await self._prefetch(vol, given)
         # Only now do the files appear.
         self.volumes[volume_id] = vol
         self._hold(vol)
@@ -597,24 +616,72 @@ class Volumes:
             self._record_lease(vol, vol.keys[spec], result.lease)
         return result
 
-    async def _prefetch(self, vol: Volume) -> None:
+    async def _expand(
+        self,
+        provider: Provider,
+        plan: Plan,
+        identity: Identity,
+        target: str,
+        files: Any,
+        restore: Mapping[str, int] | None,
+    ) -> tuple[Plan, dict[Hashable, Fetched]]:
+        """The plan of a base.Expanding provider with its files, and their values (none when a
+        restore rebuilds it from the ``files`` an earlier generation recorded)."""
+        expanding: Expanding = provider  # type: ignore[assignment]
+        if restore is not None and files is not None:
+            try:
+                return expanding.replan(plan, files, target), {}
+            except ValueError as exc:
+                log.warning("provider %s: %s; asking the provider again", provider.name, exc)
+        started = time.perf_counter()
+        outcome: object = None
+        try:
+            with trio.fail_after(PREFETCH_DEADLINE):
+                expanded, values = await trio.to_thread.run_sync(
+                    expanding.expand_sync,
+                    plan,
+                    identity,
+                    target,
+                    limiter=self._limiter(provider),
+                    abandon_on_cancel=True,
+                )
+            outcome = values
+        except trio.TooSlowError as exc:
+            outcome = exc
+            raise VolumeError(
+                f"the {plan.provider} provider did not answer within {PREFETCH_DEADLINE:.0f} s"
+            ) from None
+        except FetchError as exc:
+            outcome = exc
+            raise VolumeError(str(exc), [exc]) from None
+        except Exception as exc:
+            outcome = exc
+            log_unexpected(log, "provider %s failed", provider.name)
+            raise VolumeError(f"provider {plan.provider} failed ({type(exc).__name__})") from None
+        finally:
+            metrics.provider_call(plan.provider, time.perf_counter() - started, outcome)
+        return expanded, values
+
+    async def _prefetch(self, vol: Volume, given: Mapping[Hashable, Fetched] | None = None) -> None:
+        """Fetch every value of a volume (``given``: values already fetched, by source)."""
         sources = vol.plan.sources()
+        given = given or {}
         # Static values this identity already has fresh in the cache need no backend call: a pod
         # with the same identity and objects as a running one publishes without any provider call.
         ttl = self.ttl_of(vol.plan)
         cached: dict[Hashable, Fetched] = {}
         for spec, key in vol.keys.items():
-            hit = None if spec.dynamic else self.cache.fresh(key, ttl)
+            hit = None if spec.dynamic or spec.source in given else self.cache.fresh(key, ttl)
             if hit is not None:
                 cached[spec.source] = hit
         errors: list[FetchError] = []
-        missing = [s for s in sources if s not in cached]
-        results: dict[Hashable, object] = {}
+        missing = [s for s in sources if s not in cached and s not in given]
+        results: dict[Hashable, object] = dict(given)
         failure: VolumeError | None = None
         if missing:
             try:
                 with trio.fail_after(PREFETCH_DEADLINE):
-                    results = await self._fetch(vol, missing)
+                    results.update(await self._fetch(vol, missing))
             except trio.TooSlowError:
                 failure = VolumeError(
                     f"the {vol.plan.provider} backend did not answer within "
@@ -971,6 +1038,12 @@ class Volumes:
             why,
             extra=fields(vol, obj=_object(vol, key), error=error),
         )
+        self._warn(
+            vol.id,
+            REISSUE_FAILED,
+            f"issuing new {_names(vol, key)} failed ({n} in a row; next try in {delay:.0f} s; "
+            f"{served}): {why}",
+        )
 
     async def _retire_due(self, vol: Volume) -> None:
         """Revoke the leases of replaced material whose grace period is over. Each leaves the list
@@ -1038,12 +1111,6 @@ def ttl_problem(ttl: float, max_stale: float, min_ttl: float, max_ttl: float | N
         return f"--max-stale ({max_stale:g} s) must be at least --ttl ({ttl:g} s)"
     if not min_ttl > 0:
         return f"--min-ttl must be more than 0 seconds (got {min_ttl:g})"
-        self._warn(
-            vol.id,
-            REISSUE_FAILED,
-            f"issuing new {_names(vol, key)} failed ({n} in a row; next try in {delay:.0f} s; "
-            f"{served}): {why}",
-        )
     if max_ttl is not None:
         if not 0 < max_ttl <= max_stale:
             return f"--max-ttl ({max_ttl:g} s) must be more than 0 and at most --max-stale"

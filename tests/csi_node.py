@@ -77,6 +77,7 @@ class CsiNode:
     daemon_module: str = "secretfs"  # tests.slow_daemon: the daemon with slow reads
     lock_memory: bool = False  # the daemon's mlockall (the chart's default; benches use it)
     csi_extra: tuple[str, ...] = ()
+    daemon_extra: tuple[str, ...] = ()  # e.g. --providers-dir for external providers
     _channel: grpc.Channel | None = None
 
     @property
@@ -111,7 +112,7 @@ class CsiNode:
 
     def daemon_args(self) -> list[str]:
         lock = [] if self.lock_memory else ["--no-mlock"]
-        return ["--socket", self.daemon_socket, "--ttl", str(self.ttl), *lock]
+        return ["--socket", self.daemon_socket, "--ttl", str(self.ttl), *lock, *self.daemon_extra]
 
     def csi_args(self) -> list[str]:
         return [

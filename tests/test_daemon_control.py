@@ -139,3 +139,29 @@ async def test_operations_over_the_socket(
     assert info.value.code == control.INVALID_ARGUMENT
     assert os.stat(path).st_mode & 0o777 == 0o600
     nursery.cancel_scope.cancel()
+
+
+def test_every_command_line_argument_has_help() -> None:
+    import argparse
+
+    from secretfs.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(subparser, f"{name} {sub}")
+            elif not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "secretfs")
+    assert not missing
+
+
+def test_hardening_is_logged_in_words() -> None:
+    from secretfs.hardening import describe
+
+    done = {"core_dumps_off": True, "not_dumpable": True, "memory_locked": False}
+    assert describe(done) == "core dumps off, not dumpable, memory not locked"

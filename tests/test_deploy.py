@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -240,6 +241,37 @@ def test_chart_refuses_bad_values(values: dict[str, Any], where: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        ({"linux": {"image": {"repository": "x"}}}, "linux.image: use image.repository"),
+        ({"linux": {"providersDir": "/p"}}, "linux.providersDir: use providersDir"),
+        ({"linux": {"driver": {"resources": {}}}}, "csi.resources and daemon.resources"),
+        ({"logVerbosity": 5}, "logVerbosity: use logLevel"),
+        ({"enableSecretRotation": True}, "rotation is always on"),
+        ({"rbac": {"install": True}}, "rbac.install: use rbac.create"),
+        ({"windows": {"enabled": False}}, "windows: use nothing"),
+    ],
+)
+def test_chart_refuses_upstream_values_naming_ours(values: dict[str, Any], says: str) -> None:
+    """A migrated upstream values file never renders silently with secretfs defaults."""
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert says in str(err.value) and "deploy/INSTALL.md" in str(err.value)
+
+
+def test_chart_refuses_unknown_values_and_every_value_of_ours_is_known() -> None:
+    with pytest.raises(helm.HelmError, match="additional properties 'sycnSecret' not allowed"):
+        render({"sycnSecret": {"enabled": True}})
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    ours = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(ours) <= set(schema["properties"]), "values.yaml keys the schema would refuse"
+    # Every upstream key INSTALL.md maps is either ours or refused with a pointer.
+    table = (ROOT / "deploy/INSTALL.md").read_text().split("secretfs equivalents", 1)[1]
+    for key in re.findall(r"^\| `([a-zA-Z]+)[.`]", table, re.M):
+        assert key in schema["properties"], key
+
+
+@pytest.mark.parametrize(
     "root",
     ["/var/lib/kubelet", "/opt/rke/var/lib/kubelet", "/var/snap/microk8s/common/var/lib/kubelet"],
 )
@@ -306,8 +338,9 @@ def test_daemon_daemonset_is_unprivileged_and_rolls() -> None:
     assert daemon["args"][:2] == ["daemon", "--socket"]
     assert daemon["args"][2] == "/run/secretfs/sock/daemon.sock"
     assert "--no-mlock" not in daemon["args"]
-    # It sees only the socket directory: neither the FUSE root nor the kubelet's pods.
-    assert [m["mountPath"] for m in daemon["volumeMounts"]] == ["/run/secretfs/sock"]
+    # It sees only the socket directory and, read-only, the external providers' sockets: neither
+    # the FUSE root nor the kubelet's pods.
+    assert [m["mountPath"] for m in daemon["volumeMounts"]] == ["/run/secretfs/sock", *PROVIDERS]
     assert all("mountPropagation" not in m for m in daemon["volumeMounts"])
     assert volume_host_path(ds, "socket-dir") == "/run/secretfs/sock"
     limits = daemon["resources"]["limits"]
@@ -340,11 +373,50 @@ def test_extra_volumes_and_labels() -> None:
     ds = one(objs, "DaemonSet", "-daemon")
     assert ds["metadata"]["annotations"] == {"example.com/owner": "platform"}
     mounts = [m["mountPath"] for m in container(ds, "daemon")["volumeMounts"]]
-    assert mounts == ["/run/secretfs/sock", "/etc/vault-ca"]
+    assert mounts == ["/run/secretfs/sock", *PROVIDERS, "/etc/vault-ca"]
     assert [v["name"] for v in ds["spec"]["template"]["spec"]["volumes"]] == [
         "socket-dir",
+        "providers-dir-0",
+        "providers-dir-1",
         "vault-ca",
     ]
+
+
+# Upstream's provider socket directories (--provider-volume, --additional-provider-volume-paths).
+PROVIDERS = ["/var/run/secrets-store-csi-providers", "/etc/kubernetes/secrets-store-csi-providers"]
+
+
+def test_daemon_mounts_the_external_providers_directories() -> None:
+    ds = one(render(), "DaemonSet", "-daemon")
+    daemon = container(ds, "daemon")
+    mounts = {m["name"]: m for m in daemon["volumeMounts"]}
+    for i, path in enumerate(PROVIDERS):
+        # At the host's path, read-only: the daemon connects to sockets there, writes nothing.
+        assert mounts[f"providers-dir-{i}"] == {
+            "name": f"providers-dir-{i}",
+            "mountPath": path,
+            "readOnly": True,
+        }
+        assert volume_host_path(ds, f"providers-dir-{i}") == path
+    args = daemon["args"]
+    dirs = [args[i + 1] for i, a in enumerate(args) if a == "--providers-dir"]
+    assert dirs == PROVIDERS
+    assert args[args.index("--max-call-recv-msg-size") + 1] == "4194304"
+    assert args[args.index("--provider-timeout") + 1] == "20"
+    # providersDir / additionalProvidersDirs as upstream's chart; a repeated directory once.
+    values = {"providersDir": "/run/p", "additionalProvidersDirs": ["/run/p", "/opt/p"]}
+    ds = one(render({**values, "maxCallRecvMsgSize": 8388608}), "DaemonSet", "-daemon")
+    daemon = container(ds, "daemon")
+    args = daemon["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--providers-dir"] == [
+        "/run/p",
+        "/opt/p",
+    ]
+    assert [m["mountPath"] for m in daemon["volumeMounts"]][1:] == ["/run/p", "/opt/p"]
+    assert args[args.index("--max-call-recv-msg-size") + 1] == "8388608"
+    # The csi container never sees them: it talks to no provider.
+    csi = container(one(render(), "DaemonSet", "-csi"), "csi")
+    assert not any(m["mountPath"] in PROVIDERS for m in csi["volumeMounts"])
 
 
 def test_rbac_is_minimal() -> None:
@@ -452,7 +524,7 @@ def test_examples_validate() -> None:
         for vol in csi_volumes:
             assert vol["driver"] == DRIVER and vol["readOnly"] is True
             assert vol["volumeAttributes"]["secretProviderClass"] in spcs, name
-    assert pods == 4
+    assert pods == 5
 
 
 def test_example_spcs_pass_secretfs_check(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -464,13 +536,14 @@ def test_example_spcs_pass_secretfs_check(monkeypatch: pytest.MonkeyPatch) -> No
     files = sorted(
         f for f in EXAMPLES.glob("*.yaml") if "kind: SecretProviderClass" in f.read_text()
     )
-    assert len(files) == 4
+    assert len(files) == 5
     providers = set()
     for f in files:
         plan = spc_mod.plan(spc_mod.load(str(f)), default_mode=0o644)
-        assert plan.files, f
+        # An external provider's files are known only once it answers (at mount).
+        assert plan.files or plan.provider == "conjur", f
         providers.add(plan.provider)
-    assert providers == {"aws", "vault", "azure", "gcp"}
+    assert providers == {"aws", "vault", "azure", "gcp", "conjur"}
 
 
 def test_seed_example_unchanged() -> None:
@@ -504,3 +577,22 @@ def test_dockerfile_installs_the_project_and_runs_non_root() -> None:
     assert "distroless" in final.splitlines()[0]  # no shell in the runtime image
     assert "USER 65532:65532" in final
     assert 'ENTRYPOINT ["/opt/secretfs/bin/secretfs"]' in final
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in final
+
+
+def test_docker_context_has_what_the_build_reads() -> None:
+    """The pip install in the image builds the project: every file pyproject names (the licence)
+    and every package must pass the .dockerignore allowlist and be copied."""
+    import tomllib
+
+    text = DOCKERFILE.read_text()
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / "deploy/Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = ["pyproject.toml", project["readme"], *project.get("license-files", [])]
+    for name in needed:
+        assert name in allowed, f"{name} is not in the docker context"
+        assert re.search(rf"^COPY [^\n]*\b{re.escape(name)}\b", text, re.M), name

@@ -21,8 +21,8 @@ import trio
 import providers
 from providers.base import FetchError, Identity
 from secretfs import fs as fs_mod
-from secretfs.fs import SecretFS
 from secretfs import logs as logs_mod
+from secretfs.fs import SecretFS
 from secretfs.logs import (
     AUDIT_LOGGER,
     AuditTrail,

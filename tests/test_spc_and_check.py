@@ -68,13 +68,14 @@ def test_bad_documents_say_what_to_fix(tmp_path: Path, text: str, message: str) 
         spc_mod.load(write(tmp_path, text))
 
 
-def test_unknown_provider_is_a_parameter_problem(tmp_path: Path) -> None:
+def test_a_provider_name_upstream_refuses_is_a_parameter_problem(tmp_path: Path) -> None:
+    # Other names are external providers (tests/test_plugin_provider.py).
     p = write(
         tmp_path,
         "apiVersion: secrets-store.csi.x-k8s.io/v1\nkind: SecretProviderClass\n"
-        "spec: {provider: akeyless, parameters: {a: b}}\n",
+        "spec: {provider: akeyless.io, parameters: {a: b}}\n",
     )
-    with pytest.raises(ParameterError, match=r"unknown provider 'akeyless'.*aws"):
+    with pytest.raises(ParameterError, match=r"invalid provider name 'akeyless.io'.*aws"):
         spc_mod.plan(spc_mod.load(p))
 
 

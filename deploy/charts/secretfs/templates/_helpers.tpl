@@ -59,3 +59,76 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail (printf "csiDriver.serviceAccountTokenInSecrets must be auto, true or false, not %q" $mode) }}
 {{- end }}
 {{- end }}
+
+{{/* External providers' socket directories, in order and without repeats (a JSON list):
+providersDir, then additionalProvidersDirs, as upstream. */}}
+{{- define "secretfs.providersDirs" -}}
+{{- $dirs := list }}
+{{- range concat (list .Values.providersDir) (.Values.additionalProvidersDirs | default list) }}
+{{- if and . (not (has . $dirs)) }}{{ $dirs = append $dirs . }}{{ end }}
+{{- end }}
+{{- toJson $dirs }}
+{{- end }}
+
+{{- /*
+Upstream's chart values (secrets-store-csi-driver v1.6) that secretfs does not read: refuse them
+with the secretfs value to use, rather than render with defaults the migrating user did not ask
+for. values.schema.json lets these keys through (it refuses any other unknown key) so that this
+message, not a bare "additional property", is what the user sees. The table is deploy/INSTALL.md's.
+*/}}
+{{- define "secretfs.refuseUpstreamValues" -}}
+{{- $linux := dict
+  "enabled" "nothing: secretfs is Linux-only"
+  "image" "image.repository, image.tag, image.pullPolicy (one image for csi and daemon)"
+  "crds" "nothing: CRDs are in the chart's crds/ directory (helm install --skip-crds to skip)"
+  "affinity" "affinity"
+  "driver" "csi.resources and daemon.resources"
+  "registrarImage" "registrar.image"
+  "registrar" "registrar.resources"
+  "livenessProbeImage" "livenessProbe.image"
+  "livenessProbe" "livenessProbe.resources"
+  "updateStrategy" "csiUpdateStrategy and daemonUpdateStrategy"
+  "kubeletRootDir" "kubeletRootDir"
+  "providersDir" "providersDir"
+  "additionalProvidersDirs" "additionalProvidersDirs"
+  "nodeSelector" "nodeSelector"
+  "tolerations" "tolerations"
+  "metricsAddr" "csi.metricsPort"
+  "env" "csi.extraEnv and daemon.extraEnv"
+  "priorityClassName" "priorityClassName"
+  "daemonsetAnnotations" "daemonsetAnnotations"
+  "podAnnotations" "podAnnotations"
+  "podLabels" "podLabels"
+  "volumes" "daemon.extraVolumes"
+  "volumeMounts" "daemon.extraVolumeMounts"
+-}}
+{{- $top := dict
+  "windows" "nothing: no Windows support (upstream writes secrets to the node's disk there)"
+  "logVerbosity" "logLevel (DEBUG, INFO, WARNING, ERROR)"
+  "logFormatJSON" "logFormat (json or text)"
+  "enableSecretRotation" "nothing: rotation is always on (cache.ttl; csiDriver.requiresRepublish)"
+  "rotationPollInterval" "cache.ttl (seconds)"
+  "providerHealthCheck" "nothing: external providers are asked Version at first use"
+  "providerHealthCheckInterval" "nothing: external providers are asked Version at first use"
+  "tokenRequests" "csiDriver.tokenRequests"
+  "automountServiceAccountToken" "nothing: csi always gets its token, the daemon never"
+-}}
+{{- $found := list -}}
+{{- range $key, $_ := (.Values.linux | default dict) }}
+{{- $found = append $found (printf "linux.%s: use %s" $key (get $linux $key | default "nothing (no equivalent)")) }}
+{{- end }}
+{{- range $key, $use := $top }}
+{{- if hasKey $.Values $key }}
+{{- $found = append $found (printf "%s: use %s" $key $use) }}
+{{- end }}
+{{- end }}
+{{- if hasKey (.Values.rbac | default dict) "install" }}
+{{- $found = append $found "rbac.install: use rbac.create" }}
+{{- end }}
+{{- if hasKey (.Values.rbac | default dict) "pspEnabled" }}
+{{- $found = append $found "rbac.pspEnabled: use nothing (PodSecurityPolicy is gone since Kubernetes 1.25)" }}
+{{- end }}
+{{- if $found }}
+{{- fail (printf "\nthese are values of upstream's secrets-store-csi-driver chart, which this chart does not read:\n  %s\nsee \"Upstream chart values and their secretfs equivalents\" in deploy/INSTALL.md" (join "\n  " $found)) }}
+{{- end }}
+{{- end }}
