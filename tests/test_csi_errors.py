@@ -42,6 +42,10 @@ def node(
     )
     kube_api.add_spc(
         "default",
+        {**bad, "metadata": {"name": "bad-name"}, "spec": {**SEED["spec"], "provider": "ac me!"}},
+    )
+    kube_api.add_spc(
+        "default",
         {
             **bad,
             "metadata": {"name": "no-objects"},
@@ -119,9 +123,15 @@ def test_publish_errors(node: CsiNode, kube_api: KubeServer) -> None:  # noqa: F
     assert code == C.NOT_FOUND and "SecretProviderClass default/nope not found" in msg
     code, msg = fails(node, req(POD, "only-elsewhere"))
     assert code == C.NOT_FOUND and "default/only-elsewhere" in msg
+    # A name no built-in provider has is an external provider's: no socket is a retryable error
+    # (its DaemonSet may be starting) that says where it looked.
     code, msg = fails(node, req(POD, "unknown"))
+    assert code == C.UNAVAILABLE, msg
+    assert "acme" in msg and "acme.sock" in msg and "DaemonSet" in msg
+    # A name upstream could not look up as a socket is the class author's mistake.
+    code, msg = fails(node, req(POD, "bad-name"))
     assert code == C.INVALID_ARGUMENT
-    assert "SecretProviderClass default/unknown" in msg and "spec.provider" in msg and "acme" in msg
+    assert "SecretProviderClass default/bad-name" in msg and "spec.provider" in msg
     code, msg = fails(node, req(POD, "no-objects"))
     assert code == C.INVALID_ARGUMENT
     assert "SecretProviderClass default/no-objects" in msg and "objects" in msg
