@@ -367,6 +367,48 @@ def test_daemon_options_from_values() -> None:
     assert csi["image"] == "registry.example/secretfs:1.2.3"
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_image_digests_pin_every_image() -> None:
+    objs = render(
+        {
+            "image": {"repository": "registry.example/secretfs", "tag": "1.2.3", "digest": DIGEST},
+            "registrar": {"image": {"digest": DIGEST}},
+            "livenessProbe": {"image": {"digest": DIGEST}},
+        }
+    )
+    csi_ds, daemon_ds = one(objs, "DaemonSet", "-csi"), one(objs, "DaemonSet", "-daemon")
+    images = {c["name"]: c["image"] for c in csi_ds["spec"]["template"]["spec"]["containers"]}
+    assert images == {
+        "csi": f"registry.example/secretfs:1.2.3@{DIGEST}",
+        "node-driver-registrar": (
+            f"registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.16.0@{DIGEST}"
+        ),
+        "liveness-probe": f"registry.k8s.io/sig-storage/livenessprobe:v2.18.0@{DIGEST}",
+    }
+    assert container(daemon_ds, "daemon")["image"] == f"registry.example/secretfs:1.2.3@{DIGEST}"
+    for obj in objs:
+        validate(obj)
+    # No digest (the default): repository:tag, the tag defaulting to the chart's appVersion.
+    csi_ds = one(render(), "DaemonSet", "-csi")
+    assert container(csi_ds, "node-driver-registrar")["image"].endswith("registrar:v2.16.0")
+    assert "@" not in container(csi_ds, "csi")["image"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"image": {"digest": "sha256:abc"}},
+        {"registrar": {"image": {"digest": "0123456789abcdef" * 4}}},
+        {"livenessProbe": {"image": {"digest": "sha256:" + "0123456789ABCDEF" * 4}}},
+    ],
+)
+def test_chart_refuses_malformed_digests(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError, match="digest"):
+        render(values)
+
+
 def test_extra_volumes_and_labels() -> None:
     objs = render(VARIATIONS["vault-ca-labels"])
     assert all(o["metadata"]["labels"]["team"] == "platform" for o in objs)

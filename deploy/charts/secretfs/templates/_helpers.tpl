@@ -37,7 +37,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "secretfs.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "secretfs.imageRef" (dict "image" .Values.image "tag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* An image reference: repository:tag, or repository:tag@digest when a digest is set. The
+runtime pulls by the digest and ignores the tag, which stays to say which release it is. Call with
+(dict "image" .Values.registrar.image "tag" "default tag"). */}}
+{{- define "secretfs.imageRef" -}}
+{{- $ref := printf "%s:%s" .image.repository (.image.tag | default .tag) }}
+{{- with .image.digest }}{{ $ref = printf "%s@%s" $ref . }}{{ end }}
+{{- $ref }}
 {{- end }}
 
 {{/* Where the csi socket lives on the host; upstream's path, so kubelet finds the driver. */}}
