@@ -250,6 +250,11 @@ def test_chart_refuses_bad_values(values: dict[str, Any], where: str) -> None:
         ({"enableSecretRotation": True}, "rotation is always on"),
         ({"rbac": {"install": True}}, "rbac.install: use rbac.create"),
         ({"windows": {"enabled": False}}, "windows: use nothing"),
+        (
+            {"livenessProbe": {"logLevel": 4}},
+            "livenessProbe.logLevel: use livenessProbe.logVerbosity",
+        ),
+        ({"linux": {"registrar": {"logVerbosity": 4}}}, "registrar.logVerbosity"),
     ],
 )
 def test_chart_refuses_upstream_values_naming_ours(values: dict[str, Any], says: str) -> None:
@@ -365,6 +370,21 @@ def test_daemon_options_from_values() -> None:
     assert daemon["image"] == "registry.example/secretfs:1.2.3"
     csi = container(one(objs, "DaemonSet", "-csi"), "csi")
     assert csi["image"] == "registry.example/secretfs:1.2.3"
+
+
+def test_sidecar_log_verbosity() -> None:
+    csi_ds = one(render(), "DaemonSet", "-csi")
+    assert "--v=2" in container(csi_ds, "node-driver-registrar")["args"]
+    assert "-v=2" in container(csi_ds, "liveness-probe")["args"]
+    values = {"registrar": {"logVerbosity": 5}, "livenessProbe": {"logVerbosity": 0}}
+    csi_ds = one(render(values), "DaemonSet", "-csi")
+    registrar_args = container(csi_ds, "node-driver-registrar")["args"]
+    assert "--v=5" in registrar_args and "--v=2" not in registrar_args
+    probe_args = container(csi_ds, "liveness-probe")["args"]
+    assert "-v=0" in probe_args and "-v=2" not in probe_args
+    validate(csi_ds)
+    with pytest.raises(helm.HelmError, match="logVerbosity"):
+        render({"registrar": {"logVerbosity": "debug"}})
 
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4

@@ -93,7 +93,7 @@ message, not a bare "additional property", is what the user sees. The table is d
   "affinity" "affinity"
   "driver" "csi.resources and daemon.resources"
   "registrarImage" "registrar.image"
-  "registrar" "registrar.resources"
+  "registrar" "registrar.resources and registrar.logVerbosity"
   "livenessProbeImage" "livenessProbe.image"
   "livenessProbe" "livenessProbe.resources"
   "updateStrategy" "csiUpdateStrategy and daemonUpdateStrategy"
@@ -130,6 +130,9 @@ message, not a bare "additional property", is what the user sees. The table is d
 {{- if hasKey $.Values $key }}
 {{- $found = append $found (printf "%s: use %s" $key $use) }}
 {{- end }}
+{{- end }}
+{{- if hasKey (.Values.livenessProbe | default dict) "logLevel" }}
+{{- $found = append $found "livenessProbe.logLevel: use livenessProbe.logVerbosity" }}
 {{- end }}
 {{- if hasKey (.Values.rbac | default dict) "install" }}
 {{- $found = append $found "rbac.install: use rbac.create" }}
