@@ -372,6 +372,51 @@ def test_daemon_options_from_values() -> None:
     assert csi["image"] == "registry.example/secretfs:1.2.3"
 
 
+SCHEDULING = ("tolerations", "nodeSelector", "affinity", "priorityClassName")
+
+
+def scheduling(ds: dict[str, Any]) -> dict[str, Any]:
+    pod = ds["spec"]["template"]["spec"]
+    return {k: pod[k] for k in SCHEDULING if k in pod}
+
+
+def test_scheduling_is_shared_by_default_and_overridable_per_daemonset() -> None:
+    objs = render()
+    csi, daemon = (
+        scheduling(one(objs, "DaemonSet", "-csi")),
+        scheduling(one(objs, "DaemonSet", "-daemon")),
+    )
+    # Both DaemonSets must land on the same nodes: the defaults are the same for both.
+    assert csi == daemon
+    assert csi["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert csi["priorityClassName"] == "system-node-critical"
+    # A shared value reaches both (Helm merges maps into the default).
+    objs = render({"nodeSelector": {"pool": "secrets"}})
+    for suffix in ("-csi", "-daemon"):
+        selector = scheduling(one(objs, "DaemonSet", suffix))["nodeSelector"]
+        assert selector == {"kubernetes.io/os": "linux", "pool": "secrets"}
+    # A per-DaemonSet value wins for that DaemonSet only; null (the default) is the shared value,
+    # an empty value removes it for that DaemonSet.
+    own = {
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": {"kubernetes.io/os": "linux", "pool": "a"},
+        "affinity": {},
+        "priorityClassName": "secretfs-csi",
+    }
+    objs = render({"csi": own, "daemon": {"priorityClassName": "", "tolerations": None}})
+    csi_ds, daemon_ds = one(objs, "DaemonSet", "-csi"), one(objs, "DaemonSet", "-daemon")
+    assert scheduling(csi_ds) == {k: v for k, v in own.items() if v}
+    daemon = scheduling(daemon_ds)
+    assert "priorityClassName" not in daemon
+    assert daemon["tolerations"] == [{"operator": "Exists"}]
+    assert daemon["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert daemon["affinity"]["nodeAffinity"]
+    for obj in objs:
+        validate(obj)
+    with pytest.raises(helm.HelmError, match="tolerations"):
+        render({"daemon": {"tolerations": {"operator": "Exists"}}})
+
+
 def test_sidecar_log_verbosity() -> None:
     csi_ds = one(render(), "DaemonSet", "-csi")
     assert "--v=2" in container(csi_ds, "node-driver-registrar")["args"]

@@ -49,6 +49,21 @@ runtime pulls by the digest and ignores the tag, which stays to say which releas
 {{- $ref }}
 {{- end }}
 
+{{/* Scheduling of one DaemonSet (YAML of tolerations, nodeSelector, affinity, priorityClassName):
+its own value (csi.X, daemon.X) where it is not null, else the shared top-level X. Both DaemonSets
+must run on the same nodes: csi mounts and the daemon serves, so a node with only one of them
+cannot publish. Call with (dict "root" $ "own" .Values.csi). */}}
+{{- define "secretfs.scheduling" -}}
+{{- $own := .own | default dict }}
+{{- $out := dict }}
+{{- range $key := list "tolerations" "nodeSelector" "affinity" "priorityClassName" }}
+{{- $v := index $own $key }}
+{{- if kindIs "invalid" $v }}{{ $v = index $.root.Values $key }}{{ end }}
+{{- $_ := set $out $key $v }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
 {{/* Where the csi socket lives on the host; upstream's path, so kubelet finds the driver. */}}
 {{- define "secretfs.pluginDir" -}}
 {{- printf "%s/plugins/csi-secrets-store" (trimSuffix "/" .Values.kubeletRootDir) }}
