@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -603,6 +605,79 @@ def test_manifests_validate_on_every_supported_kubernetes(version: str) -> None:
         validate(obj, version)
     csidriver = one(objs, "CSIDriver")
     assert "serviceAccountTokenInSecrets" not in csidriver["spec"]  # a 1.35 field
+
+
+def readme_chart_commands() -> list[list[str]]:
+    """The README's `helm install` / `helm template` commands of this chart, as argument lists."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.M | re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    return [
+        shlex.split(line.split(" > ")[0].split("   #")[0])
+        for line in lines
+        if re.match(r"helm (install|template) secretfs deploy/charts/secretfs ", line)
+    ]
+
+
+def command_values(argv: list[str]) -> dict[str, Any]:
+    """--set values of a helm command (files given with -f are the user's own: left out)."""
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    values: dict[str, Any] = {}
+    for flag, arg in itertools.pairwise(argv):
+        if flag == "--set":
+            merge(values, helm.parse_set_string(arg))
+    return values
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_readme_install_commands_validate_on_every_supported_kubernetes(version: str) -> None:
+    """`helm install` renders for the cluster's version, `helm template` for --kube-version's:
+    either way every object is valid for that version (serviceAccountTokenInSecrets from 1.35)."""
+    commands = readme_chart_commands()
+    assert {c[1] for c in commands} == {"install", "template"}
+    for argv in commands:
+        if argv[1] == "template":
+            assert "--kube-version" in argv, "the README's helm template needs --kube-version"
+        objs = render_manifests.objects(
+            list(render_manifests.render(command_values(argv), kube_version=version).values())
+        )
+        assert len(objs) == 8
+        for obj in objs:
+            validate(obj, version)
+        has_field = "serviceAccountTokenInSecrets" in one(objs, "CSIDriver")["spec"]
+        assert has_field == (int(version.split(".")[1]) >= 35), version
+
+
+def test_readme_helm_template_command_as_written() -> None:
+    [argv] = [c for c in readme_chart_commands() if c[1] == "template"]
+    version = argv[argv.index("--kube-version") + 1]
+    assert "--include-crds" in argv
+    objs = render_manifests.objects(
+        list(render_manifests.render(command_values(argv), kube_version=version).values())
+    )
+    for obj in objs:
+        validate(obj, f"{version}.0")
+    assert "serviceAccountTokenInSecrets" not in one(objs, "CSIDriver")["spec"]
+
+
+def test_token_in_secrets_forced_on_an_older_kubernetes_fails() -> None:
+    values = {"csiDriver": {"serviceAccountTokenInSecrets": True}}
+    with pytest.raises(helm.HelmError, match=re.escape("needs Kubernetes 1.35 or newer")):
+        render_manifests.render(values, kube_version="1.34.0")
+    spec = one(
+        render_manifests.objects(
+            list(render_manifests.render(values, kube_version="1.35.0").values())
+        ),
+        "CSIDriver",
+    )["spec"]
+    assert spec["serviceAccountTokenInSecrets"] is True
 
 
 def example_objects() -> list[tuple[str, dict[str, Any]]]:

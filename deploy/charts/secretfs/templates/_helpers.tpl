@@ -73,12 +73,19 @@ cannot publish. Call with (dict "root" $ "own" .Values.csi). */}}
 {{- define "secretfs.daemonSocket" -}}/run/secretfs/sock/daemon.sock{{- end }}
 {{- define "secretfs.mountRoot" -}}/run/secretfs/mnt{{- end }}
 
-{{/* Whether the CSIDriver asks kubelet for tokens in `secrets` (KEP-5538). */}}
+{{/* Whether the CSIDriver asks kubelet for tokens in `secrets` (KEP-5538). The field exists from
+Kubernetes 1.35 (beta; stable in 1.36): older API servers refuse or drop it, so it is never rendered
+for them. The version is the cluster's (helm install) or --kube-version's (helm template, whose own
+default is a recent Kubernetes). */}}
 {{- define "secretfs.tokenInSecrets" -}}
 {{- $mode := toString .Values.csiDriver.serviceAccountTokenInSecrets }}
+{{- $has := semverCompare ">=1.35-0" .Capabilities.KubeVersion.Version }}
 {{- if eq $mode "auto" }}
-{{- if and (.Values.csiDriver.tokenRequests | default list) (semverCompare ">=1.35-0" .Capabilities.KubeVersion.Version) }}true{{ end }}
-{{- else if eq $mode "true" }}true
+{{- if and (.Values.csiDriver.tokenRequests | default list) $has }}true{{ end }}
+{{- else if eq $mode "true" }}
+{{- if not $has }}
+{{- fail (printf "csiDriver.serviceAccountTokenInSecrets=true needs Kubernetes 1.35 or newer, not %s (auto turns it on where it exists; with helm template, give --kube-version)" .Capabilities.KubeVersion.Version) }}
+{{- end }}true
 {{- else if ne $mode "false" }}
 {{- fail (printf "csiDriver.serviceAccountTokenInSecrets must be auto, true or false, not %q" $mode) }}
 {{- end }}
