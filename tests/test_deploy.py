@@ -327,6 +327,32 @@ def test_csi_daemonset_registration_and_propagation(root: str) -> None:
     assert ds["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
 
 
+def test_sidecars_are_locked_down() -> None:
+    ds = one(render(), "DaemonSet", "-csi")
+    locked = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # The registrar writes its socket into the kubelet's root-owned plugins_registry: root, as the
+    # owner, with no capability at all.
+    assert container(ds, "node-driver-registrar")["securityContext"] == {
+        **locked,
+        "runAsUser": 0,
+        "runAsNonRoot": False,
+    }
+    # The liveness probe only connects to csi.sock (root:root 0660): not root, group 0.
+    assert container(ds, "liveness-probe")["securityContext"] == {
+        **locked,
+        "runAsUser": 65532,
+        "runAsGroup": 0,
+        "runAsNonRoot": True,
+    }
+    for version in KUBE_VERSIONS:
+        validate(ds, version)
+
+
 def test_daemon_daemonset_is_unprivileged_and_rolls() -> None:
     ds = one(render(), "DaemonSet", "-daemon")
     # The csi process keeps the FUSE connection across daemon restarts: the daemon may roll.
