@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -379,10 +380,44 @@ def test_daemon_daemonset_is_unprivileged_and_rolls() -> None:
     limits = daemon["resources"]["limits"]
     assert limits["memory"] and daemon["resources"]["requests"]["memory"]
 
+    assert sc["runAsUser"] == 0 and "runAsNonRoot" not in sc  # IPC_LOCK is granted to uid 0 only
+
     ds = one(render({"daemon": {"lockMemory": False}}), "DaemonSet", "-daemon")
     daemon = container(ds, "daemon")
-    assert daemon["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    sc = daemon["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
     assert "--no-mlock" in daemon["args"]
+    # Needing no capability, it runs as the image's non-root user.
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (65532, 65532, True)
+    for version in KUBE_VERSIONS:
+        validate(ds, version)
+
+
+def socket_dir_owner(ds: dict[str, Any]) -> dict[str, Any]:
+    [init] = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == "socket-dir-owner"
+    return init
+
+
+@pytest.mark.parametrize(("lock_memory", "uid"), [(True, "0"), (False, "65532")])
+def test_daemon_socket_dir_belongs_to_the_daemons_uid(
+    lock_memory: bool, uid: str, tmp_path: Path
+) -> None:
+    """The daemon creates its socket and lock in <hostDir>/sock with no capability, so the
+    directory (and a previous daemon's files, when lockMemory changed) must be its uid's."""
+    ds = one(render({"daemon": {"lockMemory": lock_memory}}), "DaemonSet", "-daemon")
+    init = socket_dir_owner(ds)
+    assert init["image"] == container(ds, "daemon")["image"]
+    assert init["command"][:2] == ["/opt/secretfs/bin/python", "-c"]
+    assert init["command"][3:] == [uid]
+    sc = init["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert init["volumeMounts"] == [{"name": "socket-dir", "mountPath": "/run/secretfs/sock"}]
+    # The script itself, on a directory of ours, handing it to our own uid (allowed unprivileged).
+    (tmp_path / "daemon.sock.lock").touch()
+    code = init["command"][2].replace('"/run/secretfs/sock"', repr(str(tmp_path)))
+    subprocess.run([sys.executable, "-c", code, str(os.getuid())], check=True, timeout=30)
 
 
 def test_daemon_options_from_values() -> None:
