@@ -12,6 +12,7 @@ so they apply on every supported cluster; the chart turns it on by itself on 1.3
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,34 @@ def render(
     *,
     release: str = RELEASE,
     namespace: str = NAMESPACE,
+    kube_version: str | None = None,
 ) -> dict[str, str]:
-    """Rendered templates of the chart, {template path: YAML text}, NOTES.txt left out."""
+    """Rendered templates of the chart, {template path: YAML text}, NOTES.txt left out.
+
+    ``kube_version`` is `helm template --kube-version` (.Capabilities.KubeVersion); None is the
+    engine's own default, a recent Kubernetes."""
     import helm_python as helm
 
     with helm.Chart.load(str(CHART)) as chart:
-        out = chart.render(values or {}, name=release, namespace=namespace, is_install=True)
+        if kube_version is None:
+            out = chart.render(values or {}, name=release, namespace=namespace, is_install=True)
+        else:
+            out = _render_for(chart, values or {}, release, namespace, kube_version)
     return {k: v for k, v in out.items() if not k.endswith("NOTES.txt")}
+
+
+def _render_for(
+    chart: Any, values: dict[str, Any], release: str, namespace: str, kube_version: str
+) -> dict[str, str]:
+    # helm-python-sdk 0.2's Chart.render has no kube_version argument, but its native helm_render
+    # takes one in the same options object (as its lint does): call it the way render() does.
+    from helm_python import _native
+
+    opts = {"name": release, "namespace": namespace, "is_install": True}
+    opts["kube_version"] = kube_version
+    text = _native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts))
+    out: dict[str, str] = json.loads(text)
+    return out
 
 
 def crd_texts() -> list[str]:

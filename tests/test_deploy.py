@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -250,6 +253,11 @@ def test_chart_refuses_bad_values(values: dict[str, Any], where: str) -> None:
         ({"enableSecretRotation": True}, "rotation is always on"),
         ({"rbac": {"install": True}}, "rbac.install: use rbac.create"),
         ({"windows": {"enabled": False}}, "windows: use nothing"),
+        (
+            {"livenessProbe": {"logLevel": 4}},
+            "livenessProbe.logLevel: use livenessProbe.logVerbosity",
+        ),
+        ({"linux": {"registrar": {"logVerbosity": 4}}}, "registrar.logVerbosity"),
     ],
 )
 def test_chart_refuses_upstream_values_naming_ours(values: dict[str, Any], says: str) -> None:
@@ -320,6 +328,32 @@ def test_csi_daemonset_registration_and_propagation(root: str) -> None:
     assert ds["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}]
 
 
+def test_sidecars_are_locked_down() -> None:
+    ds = one(render(), "DaemonSet", "-csi")
+    locked = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # The registrar writes its socket into the kubelet's root-owned plugins_registry: root, as the
+    # owner, with no capability at all.
+    assert container(ds, "node-driver-registrar")["securityContext"] == {
+        **locked,
+        "runAsUser": 0,
+        "runAsNonRoot": False,
+    }
+    # The liveness probe only connects to csi.sock (root:root 0660): not root, group 0.
+    assert container(ds, "liveness-probe")["securityContext"] == {
+        **locked,
+        "runAsUser": 65532,
+        "runAsGroup": 0,
+        "runAsNonRoot": True,
+    }
+    for version in KUBE_VERSIONS:
+        validate(ds, version)
+
+
 def test_daemon_daemonset_is_unprivileged_and_rolls() -> None:
     ds = one(render(), "DaemonSet", "-daemon")
     # The csi process keeps the FUSE connection across daemon restarts: the daemon may roll.
@@ -346,10 +380,44 @@ def test_daemon_daemonset_is_unprivileged_and_rolls() -> None:
     limits = daemon["resources"]["limits"]
     assert limits["memory"] and daemon["resources"]["requests"]["memory"]
 
+    assert sc["runAsUser"] == 0 and "runAsNonRoot" not in sc  # IPC_LOCK is granted to uid 0 only
+
     ds = one(render({"daemon": {"lockMemory": False}}), "DaemonSet", "-daemon")
     daemon = container(ds, "daemon")
-    assert daemon["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    sc = daemon["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
     assert "--no-mlock" in daemon["args"]
+    # Needing no capability, it runs as the image's non-root user.
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (65532, 65532, True)
+    for version in KUBE_VERSIONS:
+        validate(ds, version)
+
+
+def socket_dir_owner(ds: dict[str, Any]) -> dict[str, Any]:
+    [init] = ds["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == "socket-dir-owner"
+    return init
+
+
+@pytest.mark.parametrize(("lock_memory", "uid"), [(True, "0"), (False, "65532")])
+def test_daemon_socket_dir_belongs_to_the_daemons_uid(
+    lock_memory: bool, uid: str, tmp_path: Path
+) -> None:
+    """The daemon creates its socket and lock in <hostDir>/sock with no capability, so the
+    directory (and a previous daemon's files, when lockMemory changed) must be its uid's."""
+    ds = one(render({"daemon": {"lockMemory": lock_memory}}), "DaemonSet", "-daemon")
+    init = socket_dir_owner(ds)
+    assert init["image"] == container(ds, "daemon")["image"]
+    assert init["command"][:2] == ["/opt/secretfs/bin/python", "-c"]
+    assert init["command"][3:] == [uid]
+    sc = init["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert init["volumeMounts"] == [{"name": "socket-dir", "mountPath": "/run/secretfs/sock"}]
+    # The script itself, on a directory of ours, handing it to our own uid (allowed unprivileged).
+    (tmp_path / "daemon.sock.lock").touch()
+    code = init["command"][2].replace('"/run/secretfs/sock"', repr(str(tmp_path)))
+    subprocess.run([sys.executable, "-c", code, str(os.getuid())], check=True, timeout=30)
 
 
 def test_daemon_options_from_values() -> None:
@@ -365,6 +433,108 @@ def test_daemon_options_from_values() -> None:
     assert daemon["image"] == "registry.example/secretfs:1.2.3"
     csi = container(one(objs, "DaemonSet", "-csi"), "csi")
     assert csi["image"] == "registry.example/secretfs:1.2.3"
+
+
+SCHEDULING = ("tolerations", "nodeSelector", "affinity", "priorityClassName")
+
+
+def scheduling(ds: dict[str, Any]) -> dict[str, Any]:
+    pod = ds["spec"]["template"]["spec"]
+    return {k: pod[k] for k in SCHEDULING if k in pod}
+
+
+def test_scheduling_is_shared_by_default_and_overridable_per_daemonset() -> None:
+    objs = render()
+    csi, daemon = (
+        scheduling(one(objs, "DaemonSet", "-csi")),
+        scheduling(one(objs, "DaemonSet", "-daemon")),
+    )
+    # Both DaemonSets must land on the same nodes: the defaults are the same for both.
+    assert csi == daemon
+    assert csi["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert csi["priorityClassName"] == "system-node-critical"
+    # A shared value reaches both (Helm merges maps into the default).
+    objs = render({"nodeSelector": {"pool": "secrets"}})
+    for suffix in ("-csi", "-daemon"):
+        selector = scheduling(one(objs, "DaemonSet", suffix))["nodeSelector"]
+        assert selector == {"kubernetes.io/os": "linux", "pool": "secrets"}
+    # A per-DaemonSet value wins for that DaemonSet only; null (the default) is the shared value,
+    # an empty value removes it for that DaemonSet.
+    own = {
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": {"kubernetes.io/os": "linux", "pool": "a"},
+        "affinity": {},
+        "priorityClassName": "secretfs-csi",
+    }
+    objs = render({"csi": own, "daemon": {"priorityClassName": "", "tolerations": None}})
+    csi_ds, daemon_ds = one(objs, "DaemonSet", "-csi"), one(objs, "DaemonSet", "-daemon")
+    assert scheduling(csi_ds) == {k: v for k, v in own.items() if v}
+    daemon = scheduling(daemon_ds)
+    assert "priorityClassName" not in daemon
+    assert daemon["tolerations"] == [{"operator": "Exists"}]
+    assert daemon["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert daemon["affinity"]["nodeAffinity"]
+    for obj in objs:
+        validate(obj)
+    with pytest.raises(helm.HelmError, match="tolerations"):
+        render({"daemon": {"tolerations": {"operator": "Exists"}}})
+
+
+def test_sidecar_log_verbosity() -> None:
+    csi_ds = one(render(), "DaemonSet", "-csi")
+    assert "--v=2" in container(csi_ds, "node-driver-registrar")["args"]
+    assert "-v=2" in container(csi_ds, "liveness-probe")["args"]
+    values = {"registrar": {"logVerbosity": 5}, "livenessProbe": {"logVerbosity": 0}}
+    csi_ds = one(render(values), "DaemonSet", "-csi")
+    registrar_args = container(csi_ds, "node-driver-registrar")["args"]
+    assert "--v=5" in registrar_args and "--v=2" not in registrar_args
+    probe_args = container(csi_ds, "liveness-probe")["args"]
+    assert "-v=0" in probe_args and "-v=2" not in probe_args
+    validate(csi_ds)
+    with pytest.raises(helm.HelmError, match="logVerbosity"):
+        render({"registrar": {"logVerbosity": "debug"}})
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_image_digests_pin_every_image() -> None:
+    objs = render(
+        {
+            "image": {"repository": "registry.example/secretfs", "tag": "1.2.3", "digest": DIGEST},
+            "registrar": {"image": {"digest": DIGEST}},
+            "livenessProbe": {"image": {"digest": DIGEST}},
+        }
+    )
+    csi_ds, daemon_ds = one(objs, "DaemonSet", "-csi"), one(objs, "DaemonSet", "-daemon")
+    images = {c["name"]: c["image"] for c in csi_ds["spec"]["template"]["spec"]["containers"]}
+    assert images == {
+        "csi": f"registry.example/secretfs:1.2.3@{DIGEST}",
+        "node-driver-registrar": (
+            f"registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.16.0@{DIGEST}"
+        ),
+        "liveness-probe": f"registry.k8s.io/sig-storage/livenessprobe:v2.18.0@{DIGEST}",
+    }
+    assert container(daemon_ds, "daemon")["image"] == f"registry.example/secretfs:1.2.3@{DIGEST}"
+    for obj in objs:
+        validate(obj)
+    # No digest (the default): repository:tag, the tag defaulting to the chart's appVersion.
+    csi_ds = one(render(), "DaemonSet", "-csi")
+    assert container(csi_ds, "node-driver-registrar")["image"].endswith("registrar:v2.16.0")
+    assert "@" not in container(csi_ds, "csi")["image"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"image": {"digest": "sha256:abc"}},
+        {"registrar": {"image": {"digest": "0123456789abcdef" * 4}}},
+        {"livenessProbe": {"image": {"digest": "sha256:" + "0123456789ABCDEF" * 4}}},
+    ],
+)
+def test_chart_refuses_malformed_digests(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError, match="digest"):
+        render(values)
 
 
 def test_extra_volumes_and_labels() -> None:
@@ -496,6 +666,79 @@ def test_manifests_validate_on_every_supported_kubernetes(version: str) -> None:
         validate(obj, version)
     csidriver = one(objs, "CSIDriver")
     assert "serviceAccountTokenInSecrets" not in csidriver["spec"]  # a 1.35 field
+
+
+def readme_chart_commands() -> list[list[str]]:
+    """The README's `helm install` / `helm template` commands of this chart, as argument lists."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.M | re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    return [
+        shlex.split(line.split(" > ")[0].split("   #")[0])
+        for line in lines
+        if re.match(r"helm (install|template) secretfs deploy/charts/secretfs ", line)
+    ]
+
+
+def command_values(argv: list[str]) -> dict[str, Any]:
+    """--set values of a helm command (files given with -f are the user's own: left out)."""
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    values: dict[str, Any] = {}
+    for flag, arg in itertools.pairwise(argv):
+        if flag == "--set":
+            merge(values, helm.parse_set_string(arg))
+    return values
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_readme_install_commands_validate_on_every_supported_kubernetes(version: str) -> None:
+    """`helm install` renders for the cluster's version, `helm template` for --kube-version's:
+    either way every object is valid for that version (serviceAccountTokenInSecrets from 1.35)."""
+    commands = readme_chart_commands()
+    assert {c[1] for c in commands} == {"install", "template"}
+    for argv in commands:
+        if argv[1] == "template":
+            assert "--kube-version" in argv, "the README's helm template needs --kube-version"
+        objs = render_manifests.objects(
+            list(render_manifests.render(command_values(argv), kube_version=version).values())
+        )
+        assert len(objs) == 8
+        for obj in objs:
+            validate(obj, version)
+        has_field = "serviceAccountTokenInSecrets" in one(objs, "CSIDriver")["spec"]
+        assert has_field == (int(version.split(".")[1]) >= 35), version
+
+
+def test_readme_helm_template_command_as_written() -> None:
+    [argv] = [c for c in readme_chart_commands() if c[1] == "template"]
+    version = argv[argv.index("--kube-version") + 1]
+    assert "--include-crds" in argv
+    objs = render_manifests.objects(
+        list(render_manifests.render(command_values(argv), kube_version=version).values())
+    )
+    for obj in objs:
+        validate(obj, f"{version}.0")
+    assert "serviceAccountTokenInSecrets" not in one(objs, "CSIDriver")["spec"]
+
+
+def test_token_in_secrets_forced_on_an_older_kubernetes_fails() -> None:
+    values = {"csiDriver": {"serviceAccountTokenInSecrets": True}}
+    with pytest.raises(helm.HelmError, match=re.escape("needs Kubernetes 1.35 or newer")):
+        render_manifests.render(values, kube_version="1.34.0")
+    spec = one(
+        render_manifests.objects(
+            list(render_manifests.render(values, kube_version="1.35.0").values())
+        ),
+        "CSIDriver",
+    )["spec"]
+    assert spec["serviceAccountTokenInSecrets"] is True
 
 
 def example_objects() -> list[tuple[str, dict[str, Any]]]:

@@ -37,7 +37,31 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "secretfs.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "secretfs.imageRef" (dict "image" .Values.image "tag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/* An image reference: repository:tag, or repository:tag@digest when a digest is set. The
+runtime pulls by the digest and ignores the tag, which stays to say which release it is. Call with
+(dict "image" .Values.registrar.image "tag" "default tag"). */}}
+{{- define "secretfs.imageRef" -}}
+{{- $ref := printf "%s:%s" .image.repository (.image.tag | default .tag) }}
+{{- with .image.digest }}{{ $ref = printf "%s@%s" $ref . }}{{ end }}
+{{- $ref }}
+{{- end }}
+
+{{/* Scheduling of one DaemonSet (YAML of tolerations, nodeSelector, affinity, priorityClassName):
+its own value (csi.X, daemon.X) where it is not null, else the shared top-level X. Both DaemonSets
+must run on the same nodes: csi mounts and the daemon serves, so a node with only one of them
+cannot publish. Call with (dict "root" $ "own" .Values.csi). */}}
+{{- define "secretfs.scheduling" -}}
+{{- $own := .own | default dict }}
+{{- $out := dict }}
+{{- range $key := list "tolerations" "nodeSelector" "affinity" "priorityClassName" }}
+{{- $v := index $own $key }}
+{{- if kindIs "invalid" $v }}{{ $v = index $.root.Values $key }}{{ end }}
+{{- $_ := set $out $key $v }}
+{{- end }}
+{{- toYaml $out }}
 {{- end }}
 
 {{/* Where the csi socket lives on the host; upstream's path, so kubelet finds the driver. */}}
@@ -49,12 +73,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "secretfs.daemonSocket" -}}/run/secretfs/sock/daemon.sock{{- end }}
 {{- define "secretfs.mountRoot" -}}/run/secretfs/mnt{{- end }}
 
-{{/* Whether the CSIDriver asks kubelet for tokens in `secrets` (KEP-5538). */}}
+{{/* Whether the CSIDriver asks kubelet for tokens in `secrets` (KEP-5538). The field exists from
+Kubernetes 1.35 (beta; stable in 1.36): older API servers refuse or drop it, so it is never rendered
+for them. The version is the cluster's (helm install) or --kube-version's (helm template, whose own
+default is a recent Kubernetes). */}}
 {{- define "secretfs.tokenInSecrets" -}}
 {{- $mode := toString .Values.csiDriver.serviceAccountTokenInSecrets }}
+{{- $has := semverCompare ">=1.35-0" .Capabilities.KubeVersion.Version }}
 {{- if eq $mode "auto" }}
-{{- if and (.Values.csiDriver.tokenRequests | default list) (semverCompare ">=1.35-0" .Capabilities.KubeVersion.Version) }}true{{ end }}
-{{- else if eq $mode "true" }}true
+{{- if and (.Values.csiDriver.tokenRequests | default list) $has }}true{{ end }}
+{{- else if eq $mode "true" }}
+{{- if not $has }}
+{{- fail (printf "csiDriver.serviceAccountTokenInSecrets=true needs Kubernetes 1.35 or newer, not %s (auto turns it on where it exists; with helm template, give --kube-version)" .Capabilities.KubeVersion.Version) }}
+{{- end }}true
 {{- else if ne $mode "false" }}
 {{- fail (printf "csiDriver.serviceAccountTokenInSecrets must be auto, true or false, not %q" $mode) }}
 {{- end }}
@@ -84,7 +115,7 @@ message, not a bare "additional property", is what the user sees. The table is d
   "affinity" "affinity"
   "driver" "csi.resources and daemon.resources"
   "registrarImage" "registrar.image"
-  "registrar" "registrar.resources"
+  "registrar" "registrar.resources and registrar.logVerbosity"
   "livenessProbeImage" "livenessProbe.image"
   "livenessProbe" "livenessProbe.resources"
   "updateStrategy" "csiUpdateStrategy and daemonUpdateStrategy"
@@ -121,6 +152,9 @@ message, not a bare "additional property", is what the user sees. The table is d
 {{- if hasKey $.Values $key }}
 {{- $found = append $found (printf "%s: use %s" $key $use) }}
 {{- end }}
+{{- end }}
+{{- if hasKey (.Values.livenessProbe | default dict) "logLevel" }}
+{{- $found = append $found "livenessProbe.logLevel: use livenessProbe.logVerbosity" }}
 {{- end }}
 {{- if hasKey (.Values.rbac | default dict) "install" }}
 {{- $found = append $found "rbac.install: use rbac.create" }}
