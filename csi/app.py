@@ -6,6 +6,7 @@ the next process finds them in /proc/self/mountinfo and in the daemon.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import threading
@@ -40,6 +41,25 @@ class CsiOptions:
     lock_memory: bool = False
     # Sync spec.secretObjects into Kubernetes Secrets (csi/sync.py); off: a warning per class.
     sync_secrets: bool = False
+
+
+def command(args: argparse.Namespace) -> int:
+    """``secretfs csi`` (registered as an entry point of secretfs.commands: secretfs/cli.py)."""
+    return run(
+        CsiOptions(
+            endpoint=args.endpoint,
+            node_id=args.nodeid,
+            daemon_socket=args.daemon_socket,
+            mount_root=args.mount_root,
+            driver_name=args.drivername,
+            metrics_addr=args.metrics_addr,
+            kubeconfig=args.kubeconfig,
+            takeover_timeout=args.takeover_timeout,
+            kubelet_root=args.kubelet_root,
+            lock_memory=getattr(args, "lock_memory", False),
+            sync_secrets=args.sync_secrets,
+        )
+    )
 
 
 def run(opts: CsiOptions) -> int:

@@ -59,7 +59,7 @@ def daemon_error(exc: ControlError, unreachable: bool = False) -> CsiError:
 
 def needs_node_region(spc: spc_mod.SecretProviderClass, attributes: dict[str, str]) -> bool:
     """An AWS volume whose parameters, with the attributes replacing them, name no region: it
-    may take the node's region label (providers/aws_params.py has the order)."""
+    may take the node's region label (providers/aws/params.py has the order)."""
     if spc.provider != "aws":
         return False
     return not ({**spc.parameters, **attributes}.get("region") or "").strip()

@@ -9,9 +9,9 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from providers import limits
+from providers import DISTRIBUTION, limits
 from providers.base import OFFLINE, ParameterError
 from secretfs import __version__
 from secretfs.logs import setup_logging
@@ -474,24 +474,32 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return trio.run(daemon.serve, args.daemon_socket, opts, lambda _: None)
 
 
-def cmd_csi(args: argparse.Namespace) -> int:
-    from csi.app import CsiOptions, run
+# Commands other packages add (entry points of this group): the dependency arrows stay one-way
+# (csi -> secretfs -> providers) while `secretfs csi` is one command line with the others.
+COMMANDS_GROUP = "secretfs.commands"
 
-    return run(
-        CsiOptions(
-            endpoint=args.endpoint,
-            node_id=args.nodeid,
-            daemon_socket=args.daemon_socket,
-            mount_root=args.mount_root,
-            driver_name=args.drivername,
-            metrics_addr=args.metrics_addr,
-            kubeconfig=args.kubeconfig,
-            takeover_timeout=args.takeover_timeout,
-            kubelet_root=args.kubelet_root,
-            lock_memory=getattr(args, "lock_memory", False),
-            sync_secrets=args.sync_secrets,
-        )
-    )
+
+def plugged_command(name: str) -> Callable[[argparse.Namespace], int] | None:
+    """The command ``name`` another package registered; None (said on stderr) if its package or
+    its libraries are not installed."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=COMMANDS_GROUP, name=name)
+    hint = f"install the {name} extra: pip install '{DISTRIBUTION}[{name}]'"
+    if not found:
+        print(f"secretfs: no {name} command here; {hint}", file=sys.stderr)
+        return None
+    try:
+        command: Callable[[argparse.Namespace], int] = next(iter(found)).load()
+    except ModuleNotFoundError as exc:
+        print(f"secretfs: the {name} command needs {exc.name}; {hint}", file=sys.stderr)
+        return None
+    return command
+
+
+def cmd_csi(args: argparse.Namespace) -> int:
+    command = plugged_command("csi")  # csi.app:command
+    return 1 if command is None else command(args)
 
 
 def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:

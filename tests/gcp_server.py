@@ -45,7 +45,7 @@ import grpc
 import trustme
 from google.cloud.secretmanager_v1 import types as sm_types
 
-from providers.gcp_settings import CLOUD_PLATFORM_SCOPE, GcpSettings
+from providers.gcp.settings import CLOUD_PLATFORM_SCOPE, GcpSettings
 
 PROJECT = "test-project"
 PROJECT_NUMBER = "123456789"

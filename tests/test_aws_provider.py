@@ -17,9 +17,9 @@ import pytest
 import yaml
 from botocore.config import Config
 
-from providers import aws_auth
-from providers.aws import AwsProvider
-from providers.aws_params import AwsAuth, AwsSource, Target
+from providers.aws import auth as aws_auth
+from providers.aws.params import AwsAuth, AwsSource, Target
+from providers.aws.provider import AwsProvider
 from providers.base import (
     AMBIENT,
     Fetched,

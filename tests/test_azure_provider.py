@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from providers.azure import AzureProvider, Source
+from providers.azure.provider import AzureProvider, Source
 from providers.base import Fetched, FetchError, Identity, ParameterError, Plan, Token
 from tests.azure_server import AzureTestServer, b64url, serve
 

@@ -51,7 +51,7 @@ def test_identity_service(node: CsiNode) -> None:
     ident = node.identity()
     info = ident.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
     assert info.name == "secrets-store.csi.k8s.io"
-    assert info.vendor_version == importlib.metadata.version("secretfs")  # = secretfs --version
+    assert info.vendor_version == importlib.metadata.version("secretfs-csi")  # = secretfs --version
     caps = ident.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     assert not any(c.service.type == c.service.CONTROLLER_SERVICE for c in caps.capabilities)
     probe = ident.Probe(csi_pb2.ProbeRequest())

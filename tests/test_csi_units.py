@@ -81,7 +81,8 @@ import sys
 import csi.app, csi.node, csi.publish, csi.server, csi.kube, csi.mounts, csi.metrics
 import secretfs.cli, secretfs.control, secretfs.spc
 bad = ("pyfuse3", "trio", "boto3", "botocore", "hvac", "azure", "google.cloud", "msal",
-       "providers.aws", "providers.vault", "providers.azure", "providers.gcp", "secretfs.fs",
+       "providers.aws.provider", "providers.vault.provider", "providers.azure.provider",
+       "providers.gcp.provider", "providers.plugin.provider", "secretfs.fs",
        "secretfs.volumes", "secretfs.daemon")
 print([m for m in sys.modules if m in bad or m.startswith(tuple(b + "." for b in bad))])
 """

@@ -16,9 +16,9 @@ from google.oauth2 import credentials as oauth2_credentials
 
 import providers
 from providers.base import Fetched, FetchError, Identity, ParameterError, Plan, Token
-from providers.gcp import GcpProvider
-from providers.gcp_params import Extract, location_of
-from providers.gcp_settings import GcpSettings
+from providers.gcp.params import Extract, location_of
+from providers.gcp.provider import GcpProvider
+from providers.gcp.settings import GcpSettings
 from tests.gcp_server import (
     LOCATION,
     POOL,

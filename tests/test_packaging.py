@@ -16,7 +16,7 @@ import pytest
 import secretfs
 from tests.mounting import ROOT
 
-DIST = "secretfs"
+DIST = "secretfs-csi"
 
 
 def test_one_version_everywhere() -> None:
@@ -110,3 +110,82 @@ def test_the_sdists_own_tests_run(sdist: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout.splitlines()[-1]
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """{file: top-level packages it imports} for every module of ``package`` (an AST walk: the
+    code as written, lazy imports inside functions included)."""
+    import ast
+
+    out = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if "/gen/" in str(path):
+            continue
+        tops = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops.add(node.module.split(".")[0])
+        out[str(path.relative_to(ROOT))] = tops
+    return out
+
+
+def test_dependency_arrows_go_one_way() -> None:
+    """csi -> secretfs -> providers: the daemon never imports csi (its command comes through an
+    entry point), providers import neither."""
+    for path, tops in _imports("secretfs").items():
+        assert "csi" not in tops, path
+    for path, tops in _imports("providers").items():
+        assert not tops & {"csi", "secretfs"}, path
+    # One provider's subpackage never imports another's (the registry and base are shared).
+    for path in _imports("providers"):
+        parts = path.split("/")
+        if len(parts) < 3:
+            continue
+        for other in {"aws", "azure", "gcp", "vault", "plugin"} - {parts[1]}:
+            assert not any(f"providers.{other}" in line for line in _lines(path)), path
+
+
+def _lines(path: str) -> list[str]:
+    return [ln for ln in (ROOT / path).read_text().splitlines() if "import" in ln]
+
+
+def _without(module: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``secretfs argv`` in a process where ``module`` cannot be imported (as without its extra)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from secretfs.cli import main\n"
+        f"sys.exit(main({list(argv)!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_missing_extra_is_named() -> None:
+    out = _without("boto3", "check", "examples/aws-seed.yaml")
+    assert out.returncode == 1, out.stderr
+    assert "provider 'aws' is not installed on this node" in out.stderr
+    assert "pip install 'secretfs-csi[aws]'" in out.stderr and "Traceback" not in out.stderr
+    out = _without("hvac", "check", "examples/vault-spc.yaml")
+    assert out.returncode == 1 and "pip install 'secretfs-csi[vault]'" in out.stderr
+    out = _without("grpc", "csi", "--nodeid", "n", "--endpoint", "unix:///nonexistent/csi.sock")
+    assert out.returncode == 1
+    assert "the csi command needs grpc" in out.stderr
+    assert "pip install 'secretfs-csi[csi]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_extra_is_declared_and_all_has_them() -> None:
+    import tomllib
+
+    import providers
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert project["name"] == providers.DISTRIBUTION
+    for extra, _ in providers.EXTRAS.values():
+        assert extra in extras, extra
+    assert extras["all"] == [f"{DIST}[aws,vault,azure,gcp,plugin,csi]"]
+    core = {d.split(">")[0].split("=")[0].lower() for d in project["dependencies"]}
+    assert not core & {"boto3", "hvac", "kubernetes", "grpcio", "azure-identity"}

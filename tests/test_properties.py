@@ -26,10 +26,10 @@ from csi.pb import csi_pb2
 from csi.publish import Publish
 from csi.server import CsiError
 from providers import limits
-from providers.aws_params import OBJECT_FIELDS
-from providers.azure_params import _FIELDS as AZURE_OBJECT_FIELDS
+from providers.aws.params import OBJECT_FIELDS
+from providers.azure.params import _FIELDS as AZURE_OBJECT_FIELDS
 from providers.base import ParameterError, Plan, Problem, check_path
-from providers.vault_config import _Loader as VaultLoader
+from providers.vault.config import _Loader as VaultLoader
 from secretfs import spc as spc_mod
 
 _DUMPER = yaml.CSafeDumper if yaml.__with_libyaml__ else yaml.SafeDumper

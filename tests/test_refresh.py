@@ -34,7 +34,7 @@ import trio
 import trio.testing
 
 import providers
-from providers.aws import AwsProvider
+from providers.aws.provider import AwsProvider
 from providers.base import AMBIENT, FetchError, Identity, Plan, Token
 from secretfs import control
 from secretfs import spc as spc_mod

@@ -19,8 +19,8 @@ import yaml
 import providers
 from csi import kube
 from csi.publish import Node, Publish, needs_node_region
-from providers.aws import AwsProvider
-from providers.aws_params import AwsAuth
+from providers.aws.params import AwsAuth
+from providers.aws.provider import AwsProvider
 from providers.base import OFFLINE, NodeInfo, ParameterError
 from secretfs import spc as spc_mod
 from secretfs.cli import main

@@ -13,8 +13,8 @@ import pytest
 
 from providers import get_provider
 from providers.base import Fetched, FetchError, Identity, Lease, ParameterError, Plan, Token
-from providers.vault import VaultProvider
-from providers.vault_config import VaultAuth, VaultSelect, VaultSource, is_dynamic
+from providers.vault.config import VaultAuth, VaultSelect, VaultSource, is_dynamic
+from providers.vault.provider import VaultProvider
 from tests.vault_server import VaultTestServer, make_tls, run_vault_server
 
 JWT = "jwt-app-0123456789"
@@ -398,7 +398,7 @@ def test_kv1_key_and_whole_response_in_upstream_format(vault: VaultTestServer) -
     )
     got = fetch_all(p, plan)
     assert got["key"] == b"k-123"
-    # Go's json.Marshal of api.Secret; request_id left empty (see providers/vault.py).
+    # Go's json.Marshal of api.Secret; request_id left empty (see providers/vault/provider.py).
     assert got["whole"] == (
         b'{"request_id":"","lease_id":"","lease_duration":2764800,"renewable":false,'
         b'"data":{"api-key":"k-123"},"warnings":null}'

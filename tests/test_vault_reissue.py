@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from providers.base import AMBIENT, Fetched, FetchError, Identity, Plan
-from providers.vault import VaultProvider
+from providers.vault.provider import VaultProvider
 from secretfs import spc as spc_mod
 from secretfs import volumes
 from secretfs.volumes import Volume, Volumes

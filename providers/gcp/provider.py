@@ -1,6 +1,6 @@
 """Google Secret Manager (``provider: gcp``), compatible with secrets-store-csi-driver-provider-gcp.
 
-Parameters (see :mod:`providers.gcp_params`)::
+Parameters (see :mod:`providers.gcp.params`)::
 
     auth: pod-adc            # default; or provider-adc (the daemon's own credentials)
     secrets: |
@@ -13,8 +13,8 @@ Parameters (see :mod:`providers.gcp_params`)::
 
 Source of a file = its ``resourceName``; version = the resolved version name Secret Manager returns
 (``projects/<number>/secrets/<s>/versions/<n>``). All sources of one call are fetched in parallel.
-Authentication: :mod:`providers.gcp_auth`; endpoints and operator settings:
-:mod:`providers.gcp_settings`; the gRPC clients: :mod:`providers.gcp_client`.
+Authentication: :mod:`providers.gcp.auth`; endpoints and operator settings:
+:mod:`providers.gcp.settings`; the gRPC clients: :mod:`providers.gcp.client`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from providers.base import DEFAULT_MODE, Fetched, FetchError, FileSpec, Identity, Plan
-from providers.gcp_auth import TokenBroker
-from providers.gcp_client import SecretClients
-from providers.gcp_params import AUTH_POD_ADC, Extract, extract, parse_parameters
-from providers.gcp_settings import GcpSettings
+from providers.gcp.auth import TokenBroker
+from providers.gcp.client import SecretClients
+from providers.gcp.params import AUTH_POD_ADC, Extract, extract, parse_parameters
+from providers.gcp.settings import GcpSettings
 
 # Upper bound on parallel AccessSecretVersion calls within one fetch_sync call.
 MAX_PARALLEL = 8

@@ -1,7 +1,7 @@
 """HashiCorp Vault (``provider: vault``), compatible with hashicorp/vault-csi-provider's parameters.
 
-Parameters and the static/dynamic rule: :mod:`providers.vault_config`. Transport, TLS, login and
-the token cache: :mod:`providers.vault_client`. Output format: :mod:`providers.vault_json`.
+Parameters and the static/dynamic rule: :mod:`providers.vault.config`. Transport, TLS, login and
+the token cache: :mod:`providers.vault.client`. Output format: :mod:`providers.vault.gojson`.
 
 A source is one request: (API path, method, secretArgs). Its value is Vault's whole answer
 marshalled the way upstream writes it when an object has no ``secretKey``, except that
@@ -50,10 +50,10 @@ from providers.base import (
     Problem,
     check_files,
 )
-from providers.vault_client import Login, LoginFailed, Tokens, Transport
-from providers.vault_config import VaultAuth, VaultSelect, VaultSource, parse_auth, parse_objects
-from providers.vault_errors import from_response, from_transport
-from providers.vault_json import (
+from providers.vault.client import Login, LoginFailed, Tokens, Transport
+from providers.vault.config import VaultAuth, VaultSelect, VaultSource, parse_auth, parse_objects
+from providers.vault.errors import from_response, from_transport
+from providers.vault.gojson import (
     BadResponse,
     decode_value,
     key_from_data,

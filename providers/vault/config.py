@@ -37,7 +37,7 @@ import yaml
 
 from providers import limits
 from providers.base import FileSpec, Problem, check_path, parse_mode_number
-from providers.vault_json import ENCODINGS
+from providers.vault.gojson import ENCODINGS
 
 DEFAULT_ADDRESS = "https://127.0.0.1:8200"  # Vault's own client default
 DEFAULT_MOUNT = "kubernetes"

@@ -1,8 +1,8 @@
 """Azure Key Vault (``provider: azure``) with the official SDKs.
 
 Parameters and file rules follow upstream (Azure/secrets-store-csi-driver-provider-azure); see
-:mod:`providers.azure_params` for the schema, :mod:`providers.azure_content` for what each object
-type becomes and :mod:`providers.azure_auth` for credentials and operator settings.
+:mod:`providers.azure.params` for the schema, :mod:`providers.azure.content` for what each object
+type becomes and :mod:`providers.azure.auth` for credentials and operator settings.
 
 Sources are :class:`Source` tuples. A single object is one source; ``objectVersionHistory: N``
 plans N files ``<alias>/<index>`` (index 0 is the newest enabled version, or ``objectVersion``
@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 from azure.core.exceptions import ResourceNotFoundError
 from cachetools import TTLCache
 
-from providers import azure_content as content
-from providers.azure_auth import (
+from providers.azure import content as content
+from providers.azure.auth import (
     AuthFailure,
     AzureAuth,
     Clients,
@@ -35,8 +35,8 @@ from providers.azure_auth import (
     build_clients,
     material_for,
 )
-from providers.azure_errors import map_error
-from providers.azure_params import (
+from providers.azure.errors import map_error
+from providers.azure.params import (
     AzureObject,
     identity_mode_problems,
     load_objects,
@@ -92,7 +92,7 @@ class AzureProvider:
 
     def __init__(self, environ: Mapping[str, str] | None = None, **overrides: Any) -> None:
         """``environ`` (default ``os.environ``) holds the operator settings of
-        :mod:`providers.azure_auth`; ``overrides`` replace single :class:`Settings` fields."""
+        :mod:`providers.azure.auth`; ``overrides`` replace single :class:`Settings` fields."""
         settings = Settings.from_env(os.environ if environ is None else environ)
         self.settings = dataclasses.replace(settings, **overrides)
         # Credentials and clients per (vault+identity parameters, credential digest): access

@@ -33,8 +33,8 @@ from botocore.httpsession import URLLib3Session
 from botocore.utils import ContainerMetadataFetcher
 from cachetools import LRUCache
 
-from providers.aws_errors import map_error, redact
-from providers.aws_params import AwsAuth
+from providers.aws.errors import map_error, redact
+from providers.aws.params import AwsAuth
 from providers.base import CONNECT_TIMEOUT, READ_TIMEOUT, FetchError, Identity
 
 log = logging.getLogger(__name__)

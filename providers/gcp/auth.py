@@ -39,8 +39,8 @@ from google.oauth2 import credentials as oauth2_credentials
 from google.oauth2 import sts
 
 from providers.base import CONNECT_TIMEOUT, READ_TIMEOUT, FetchError, Identity
-from providers.gcp_params import AUTH_PROVIDER_ADC
-from providers.gcp_settings import CLOUD_PLATFORM_SCOPE, GcpSettings, PoolResolver
+from providers.gcp.params import AUTH_PROVIDER_ADC
+from providers.gcp.settings import CLOUD_PLATFORM_SCOPE, GcpSettings, PoolResolver
 
 GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
 DELEGATES_ANNOTATION = "iam.gke.io/gcp-service-account-delegates"

@@ -1,10 +1,10 @@
 """AWS Secrets Manager and SSM Parameter Store, with the upstream AWS provider's parameters.
 
-Parameters (see providers/aws_params.py): ``objects`` (YAML list), ``region``, ``failoverRegion``,
+Parameters (see providers/aws/params.py): ``objects`` (YAML list), ``region``, ``failoverRegion``,
 ``pathTranslation``, ``usePodIdentity``, ``preferredAddressType``. Without ``region``: AWS_REGION
 of the daemon, else the node's ``topology.kubernetes.io/region`` label, which csi reads from its
 Node and passes in the ``add`` request (:meth:`AwsProvider.parse_on_node`). Sources are
-:class:`providers.aws_params.AwsSource` tuples; jmesPath files share their object's source and
+:class:`providers.aws.params.AwsSource` tuples; jmesPath files share their object's source and
 carry ``select=("jmespath", path)``, applied in :meth:`AwsProvider.render`.
 
 Failover, as upstream: with ``failoverRegion`` every object is read in both regions; the primary's
@@ -23,9 +23,9 @@ from typing import Any
 
 import jmespath
 
-from providers.aws_auth import ClientCache
-from providers.aws_fetch import Result, fetch_region
-from providers.aws_params import AwsAuth, AwsSource, parse_parameters
+from providers.aws.auth import ClientCache
+from providers.aws.fetch import Result, fetch_region
+from providers.aws.params import AwsAuth, AwsSource, parse_parameters
 from providers.base import (
     DEFAULT_MODE,
     Fetched,

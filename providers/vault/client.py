@@ -31,8 +31,8 @@ import requests.adapters
 import requests.utils
 
 from providers.base import CONNECT_TIMEOUT, READ_TIMEOUT, FetchError, Identity
-from providers.vault_config import VaultAuth, VaultTLS
-from providers.vault_errors import from_response, from_transport, tls_config
+from providers.vault.config import VaultAuth, VaultTLS
+from providers.vault.errors import from_response, from_transport, tls_config
 
 MAX_TOKENS = 1000  # cached client tokens, one per identity (upstream: -cache-size 1000)
 REFRESH_FRACTION = 0.8

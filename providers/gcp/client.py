@@ -21,8 +21,8 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports im
 )
 
 from providers.base import READ_TIMEOUT, FetchError
-from providers.gcp_params import location_of
-from providers.gcp_settings import GcpSettings
+from providers.gcp.params import location_of
+from providers.gcp.settings import GcpSettings
 
 _DETAIL_MAX = 300
 

@@ -20,7 +20,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from providers.azure_auth import WORKLOAD_AUDIENCE, AzureAuth, Material
+from providers.azure.auth import WORKLOAD_AUDIENCE, AzureAuth, Material
 
 log = logging.getLogger(__name__)
 

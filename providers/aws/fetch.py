@@ -7,9 +7,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from providers.aws_auth import ClientCache
-from providers.aws_errors import map_error
-from providers.aws_params import SECRETSMANAGER, AwsAuth, AwsSource, Target
+from providers.aws.auth import ClientCache
+from providers.aws.errors import map_error
+from providers.aws.params import SECRETSMANAGER, AwsAuth, AwsSource, Target
 from providers.base import Fetched, FetchError, Identity
 
 SSM_BATCH = 10  # GetParameters takes at most 10 names per call
