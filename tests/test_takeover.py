@@ -205,10 +205,20 @@ def test_kill_9_at_random_moments_with_reads_in_flight(
         time.sleep(0.5)
     finally:
         summary = r.finish()
-    # A kill can land before the previous daemon took over: the wait from that kill to the next
-    # generation serving then spans both restarts, and a read may also wait for a resend that a
-    # killed generation had taken: bounded by the takeovers, twice the margin.
-    assert_clean(summary, 2 * MAX_STALL + takeovers.longest())
+    # What is guaranteed during a storm of kills: no read fails or sees anything else, and every
+    # read ends within one takeover (plus the margin) of the storm's end, or within the other
+    # tests' bound of its own start. Not more: a read resent to a generation that is killed before
+    # it answers waits for the next one, so on a loaded machine a read in flight may wait through
+    # several takeovers (seen: 24 s with takeovers of at most 9 s, while two suites ran at once).
+    assert_clean(summary, math.inf)
+    longest = takeovers.longest()
+    storm_end = takeovers.kills[-1]
+    for start, took in summary["slow"]:
+        bound = max(start + 2 * MAX_STALL + longest, storm_end + longest + MAX_STALL)
+        assert start + took <= bound, (
+            f"a read from {start:.2f} stalled {took:.2f} s: past its own bound and one takeover "
+            f"({longest:.2f} s) plus {MAX_STALL} s after the last kill at {storm_end:.2f}"
+        )
     logs = node.log("daemon")
     assert "unanswered requests resent" in logs
     assert int(metric(node, "secretfs_takeovers_total")) >= 10
