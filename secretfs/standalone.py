@@ -53,6 +53,26 @@ class MountError(Exception):
     """The mount did not happen; the message tells the user why."""
 
 
+def mount_hint(privileged: bool, allow_other: bool) -> str:
+    """What to check when the kernel or fusermount3 refused the mount (libfuse's own message,
+    "fuse_session_mount failed", names no cause)."""
+    if privileged:
+        return (
+            "is /dev/fuse there? in a container it must be passed in (--device /dev/fuse) with "
+            "CAP_SYS_ADMIN"
+        )
+    hint = (
+        "as a user, mounting needs fusermount3 (Debian/Ubuntu package fuse3) and read-write "
+        "access to /dev/fuse"
+    )
+    if allow_other:
+        hint += (
+            "; --allow-other also needs 'user_allow_other' in /etc/fuse.conf (or use "
+            "--no-allow-other)"
+        )
+    return hint + "; or run as root"
+
+
 def fuse_options(allow_other: bool, fsname: str = "secretfs", *, ro: bool = True) -> set[str]:
     """Options of a secretfs mount. ``ro=False`` only for a mount that is made read-only right
     after, once a private writable clone for change announcements exists (``announce``)."""
@@ -196,7 +216,7 @@ async def run(
         try:
             pyfuse3.init(fs, mountpoint, fuse_options(opts.allow_other, ro=not privileged))
         except RuntimeError as exc:
-            ready(f"cannot mount {mountpoint}: {exc}")
+            ready(f"cannot mount {mountpoint}: {exc} ({mount_hint(privileged, opts.allow_other)})")
             nursery.cancel_scope.cancel()
             return 1
         clone = None

@@ -165,3 +165,13 @@ def test_hardening_is_logged_in_words() -> None:
 
     done = {"core_dumps_off": True, "not_dumpable": True, "memory_locked": False}
     assert describe(done) == "core dumps off, not dumpable, memory not locked"
+
+
+def test_a_refused_mount_says_what_to_check() -> None:
+    from secretfs.standalone import mount_hint
+
+    assert "/dev/fuse" in mount_hint(True, True) and "CAP_SYS_ADMIN" in mount_hint(True, False)
+    user = mount_hint(False, False)
+    assert "fusermount3" in user and "fuse3" in user and "run as root" in user
+    assert "user_allow_other" not in user
+    assert "user_allow_other" in mount_hint(False, True)
