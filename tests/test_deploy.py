@@ -812,8 +812,10 @@ def test_dockerfile_lints_clean() -> None:
 
 def test_dockerfile_installs_the_project_and_runs_non_root() -> None:
     text = DOCKERFILE.read_text()
-    # The image's contents come from the same pip install of the project the tests use.
-    assert 'pip install --no-cache-dir "/src[all]"' in text  # every provider and csi
+    # The image's contents: pinned, hashed dependencies first; then the project (every provider
+    # and csi) with nothing left to resolve.
+    assert "pip install --no-cache-dir --require-hashes -r requirements.lock" in text
+    assert 'pip install --no-cache-dir --no-deps "/src[all]"' in text
     for pkg in ("secretfs", "providers", "csi"):
         assert f"COPY {pkg}/ {pkg}/" in text
     final = text.split("\nFROM ")[-1]
@@ -821,6 +823,36 @@ def test_dockerfile_installs_the_project_and_runs_non_root() -> None:
     assert "USER 65532:65532" in final
     assert 'ENTRYPOINT ["/opt/secretfs/bin/secretfs"]' in final
     assert 'org.opencontainers.image.licenses="Apache-2.0"' in final
+
+
+def test_the_image_lock_pins_every_dependency_with_hashes() -> None:
+    """deploy/requirements.lock (scripts/lock.sh) still satisfies pyproject.toml: every
+    requirement of the core and of each extra has a pin in its range, and every pin a hash."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "deploy/requirements.lock").read_text()
+    assert not re.search(r"^--|file:|/opt/", text, re.M), "machine-specific lines in the lock"
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        m = re.match(r"([A-Za-z0-9_.-]+)==([^ \\\n]+)", block)
+        if m:
+            assert "--hash=sha256:" in block, f"{m.group(1)} has no hash"
+            pins[canonicalize_name(m.group(1))] = m.group(2)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra, reqs in project["optional-dependencies"].items():
+        if extra not in ("all", "test"):
+            wanted += reqs
+    for line in wanted:
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in deploy/requirements.lock: bash scripts/lock.sh"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{req.name}=={pins[name]} in the lock is outside {req.specifier}: bash scripts/lock.sh"
+        )
 
 
 def test_docker_context_has_what_the_build_reads() -> None:
@@ -835,7 +867,12 @@ def test_docker_context_has_what_the_build_reads() -> None:
         if line.startswith("!")
     }
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    needed = ["pyproject.toml", project["readme"], *project.get("license-files", [])]
+    needed = [
+        "pyproject.toml",
+        project["readme"],
+        *project.get("license-files", []),
+        "deploy/requirements.lock",
+    ]
     for name in needed:
         assert name in allowed, f"{name} is not in the docker context"
         assert re.search(rf"^COPY [^\n]*\b{re.escape(name)}\b", text, re.M), name
