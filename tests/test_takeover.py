@@ -221,7 +221,11 @@ def test_kill_9_at_random_moments_with_reads_in_flight(
         )
     logs = node.log("daemon")
     assert "unanswered requests resent" in logs
-    assert int(metric(node, "secretfs_takeovers_total")) >= 10
+    # Every generation after the first came from a takeover, counted once. How many of the 20
+    # kills found a generation serving (and so caused a takeover) depends on the machine's load
+    # (seen: 9 while two suites ran at once), not on the code.
+    takeovers_done = int(metric(node, "secretfs_takeovers_total"))
+    assert takeovers_done == generation(node) - 1 and takeovers_done >= 2
 
 
 def test_sigterm_upgrade_path(make_node: Callable[..., CsiNode], tmp_path: Path) -> None:
