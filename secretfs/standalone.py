@@ -255,11 +255,15 @@ async def run(
         try:
             await pyfuse3.main()
         finally:
+            # Each step of the way out is timed in the debug log: an exit after an unmount once
+            # took over 20 s on a loaded machine (tests/test_e2e_vault.py, --revoke-leases).
+            log.debug("the FUSE session ended; closing")
             nursery.cancel_scope.cancel()
             if clone is not None:
                 clone.close()
             # After an external umount the kernel side is already gone.
             pyfuse3.close(unmount=terminated)
+            log.debug("FUSE closed; removing the volume (revoking leases if asked)")
             with trio.CancelScope(shield=True):
                 await volumes.remove(STANDALONE_VOLUME)
     log.info("unmounted %s", mountpoint)
