@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup-system.sh
+$(VENV)/.installed: pyproject.toml scripts/setup-system.sh scripts/build-pyfuse3.sh deploy/pyfuse3/read-inode.patch
 	bash scripts/setup-system.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# pyfuse3 with the no-open read change (issue 15; docs/pyfuse3-read-inode.md), then the rest.
+	bash scripts/build-pyfuse3.sh $(VENV)/bin/pip build/pyfuse3
+	$(PY) -m pip install -q --force-reinstall --no-deps build/pyfuse3/pyfuse3-*.whl
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

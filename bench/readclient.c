@@ -6,8 +6,10 @@
  * on stdin, so parallel clients start timing together (after all have warmed up). Then it times
  * ITERATIONS rounds of open(O_RDONLY) + read() until EOF + close() with
  * clock_gettime(CLOCK_MONOTONIC) and, after the loop, prints "size <bytes>" (what one round
- * read, so the caller can check the whole file came back) and one line per round:
- * "<nanoseconds>". Exit status 1 on any error.
+ * read, so the caller can check the whole file came back), "elapsed <nanoseconds>" (the wall
+ * time of the whole timed loop), "start <nanoseconds>" (CLOCK_MONOTONIC when the loop began, the
+ * same clock in every process: with elapsed, the caller knows when each parallel client ran, for
+ * opens per second) and one line per round: "<nanoseconds>". Exit status 1 on any error.
  *
  * Compiled by bench/read_latency.py into bench/.build/ (cc -O2).
  */
@@ -84,6 +86,7 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
+    int64_t start = now_ns();
     for (long i = 0; i < iterations; i++) {
         int64_t t0 = now_ns();
         long n = one_round(path);
@@ -99,8 +102,11 @@ int main(int argc, char **argv) {
         size = n;
         samples[i] = t1 - t0;
     }
+    int64_t elapsed = now_ns() - start;
     /* Print only after timing, so stdout never slows the loop. */
     printf("size %ld\n", size);
+    printf("elapsed %lld\n", (long long)elapsed);
+    printf("start %lld\n", (long long)start);
     for (long i = 0; i < iterations; i++) printf("%lld\n", (long long)samples[i]);
     free(samples);
     return fflush(stdout) == 0 ? 0 : 1;

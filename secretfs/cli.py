@@ -15,6 +15,7 @@ from providers import DISTRIBUTION, limits
 from providers.base import OFFLINE, ParameterError
 from secretfs import __version__
 from secretfs.logs import setup_logging
+from secretfs.readpath import READ_PATHS, choose_no_open
 
 # The node daemon's control socket (secretfs daemon --socket; the chart's hostDir).
 DAEMON_SOCKET = "/run/secretfs/daemon.sock"
@@ -53,6 +54,15 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         "--audit",
         action="store_true",
         help="log every open: path, version, caller uid/gid/pid, pod (off the request path)",
+    )
+    p.add_argument(
+        "--read-path",
+        choices=READ_PATHS,
+        default="auto",
+        help="how opens and warm reads are served. no-open: the kernel serves them from its page "
+        "cache without asking the daemon (one version per read); open: every open asks the "
+        "daemon (one version from open to close; what --audit needs). auto (the default): "
+        "no-open where this pyfuse3 supports it and --audit is off",
     )
     p.add_argument(
         "--revoke-leases",
@@ -350,6 +360,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         min_ttl=args.min_ttl,
         max_ttl=args.max_ttl,
         metrics_addr=args.metrics_addr,
+        no_open=args.no_open,
     )
 
     def ready(error: str | None) -> None:
@@ -470,6 +481,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         min_ttl=args.min_ttl,
         max_ttl=args.max_ttl,
         metrics_addr=args.metrics_addr,
+        no_open=args.no_open,
     )
     return trio.run(daemon.serve, args.daemon_socket, opts, lambda _: None)
 
@@ -511,7 +523,7 @@ def node_argvs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     daemon += ["--min-ttl", str(args.min_ttl)]
     if args.max_ttl is not None:
         daemon += ["--max-ttl", str(args.max_ttl)]
-    daemon += ["--attr-timeout", str(args.attr_timeout)]
+    daemon += ["--attr-timeout", str(args.attr_timeout), "--read-path", args.read_path]
     for d in providers_dirs(args):
         daemon += ["--providers-dir", d]
     daemon += ["--max-call-recv-msg-size", str(args.max_call_recv_msg_size)]
@@ -580,6 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, "log_format", "text"),
         audit=getattr(args, "audit", False),
     )
+    if args.command in ("mount", "daemon", "node"):
+        try:
+            args.no_open = choose_no_open(args.read_path, audit=args.audit)
+        except ValueError as exc:
+            print(f"secretfs: {exc}", file=sys.stderr)
+            return 2
     if args.command == "check":
         return cmd_check(args)
     if args.command == "mount":

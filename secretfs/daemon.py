@@ -46,6 +46,7 @@ from secretfs.fs import ATTR_TIMEOUT, ROOT_INODE, SecretFS
 from secretfs.hardening import describe, harden
 from secretfs.logs import fields as log_fields
 from secretfs.logs import log_unexpected
+from secretfs.readpath import describe_read_path
 from secretfs.standalone import fuse_options
 from secretfs.volumes import DEFAULT_MIN_TTL, Volume, VolumeError, Volumes
 
@@ -79,6 +80,8 @@ class DaemonOptions:
     max_ttl: float | None = None
     # Prometheus /metrics (":8096", "127.0.0.1:8096"); empty: off (secretfs/metrics.py).
     metrics_addr: str = ""
+    # Serve opens and warm reads without OPEN (fs.choose_no_open; the CLI's --read-path).
+    no_open: bool = False
 
 
 def identity_from(d: Any) -> Identity:
@@ -683,7 +686,8 @@ async def _serve(socket_path: str, opts: DaemonOptions, ready: Callable[[Daemon]
         min_ttl=opts.min_ttl,
         max_ttl=opts.max_ttl,
     )
-    fs = SecretFS(volumes, attr_timeout=opts.attr_timeout)
+    fs = SecretFS(volumes, attr_timeout=opts.attr_timeout, no_open=opts.no_open)
+    log.info("read path: %s", describe_read_path(opts.no_open))
     listener = trio.socket.from_stdlib_socket(_listen(socket_path))
     async with trio.open_nursery() as nursery:
         volumes.start(nursery)

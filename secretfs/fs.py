@@ -19,6 +19,16 @@ Consistency rules (see docs/INTERNALS.md for the why):
   reads and releases of handles an earlier one issued, adopting such a handle with the version it
   serves now (one version from then on), and answers getattr of a file whose value it has not
   fetched yet by fetching it (the reader stalls; it never sees size 0).
+- No-open mode (``no_open``, on where the pyfuse3 in use passes the inode to ``read``; see
+  docs/INTERNALS.md "No-open reads"): the first OPEN is answered ENOSYS, after which the kernel
+  sends no OPEN or RELEASE on the connection and warm reads come from the page cache without the
+  daemon. A READ (file handle 0, so pyfuse3 passes the inode) is answered from the version whose
+  size and mtime the kernel was last told (``served``), so the bytes always match the size the
+  kernel clips at. A change invalidates the attributes only; the kernel (FUSE_AUTO_INVAL_DATA)
+  re-reads them at the next read, sees the new mtime or size and drops the pages itself, in the
+  reader's context. The guarantee is one version per READ (a file of up to 128 KiB read with one
+  ``read`` of its size), not per open: a reader reading a bigger file in small pieces while it
+  changes can get the old version's start and the new one's end.
 - Every write-ish request fails with EROFS. No handler lets anything but FUSEError escape: one
   stray exception would end ``pyfuse3.main`` and leave every mount dead.
 """
@@ -53,8 +63,10 @@ ATTR_TIMEOUT = 60.0
 # new version (size, mtime) within TTL + this + the fetch. Changes are also pushed to the kernel
 # (invalidation, and the announcement's SETATTR answer).
 FILE_ATTR_TIMEOUT = 1.0
-# fh = inode << FH_SHIFT | a per-open counter: any generation can tell a handle's inode.
+# fh = inode << FH_SHIFT | a per-open counter: any generation can tell a handle's inode. A READ
+# with a smaller number is a no-open READ whose "handle" is the inode itself.
 FH_SHIFT = 32
+_FIRST_FH = 1 << FH_SHIFT
 _FH_MASK = (1 << FH_SHIFT) - 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -90,6 +102,7 @@ class _InodeState:
     open_sizes: dict[str, int] = field(default_factory=dict)
     page_version: str | None = None  # version the page cache may hold
     reported: str | None = None  # version whose size the kernel was told last (None: mixed)
+    served: Rendered | None = None  # no-open mode: that version's bytes, what READs answer
 
 
 @dataclass
@@ -105,8 +118,13 @@ class SecretFS(pyfuse3.Operations):
         *,
         attr_timeout: float = ATTR_TIMEOUT,
         file_attr_timeout: float = FILE_ATTR_TIMEOUT,
+        no_open: bool = False,
     ) -> None:
         super().__init__()
+        # Answer OPEN with ENOSYS so the kernel serves opens and warm reads without the daemon
+        # (only with a pyfuse3 that passes the inode to read: no_open_supported()).
+        self.no_open = no_open
+        self.no_open_reads = 0  # READs answered by inode (no-open mode)
         self.volumes = volumes
         self.tree = volumes.tree
         self.attr_timeout = attr_timeout
@@ -141,8 +159,13 @@ class SecretFS(pyfuse3.Operations):
 
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes of ``node``; for a file whose value this generation never had (after a
-        takeover), fetch it first: a size of 0 would stay in the kernel's attribute cache."""
-        if node.spec is not None and self.volumes.peek(node.inode) is None:
+        takeover), fetch it first: a size of 0 would stay in the kernel's attribute cache. In
+        no-open mode also for a value the cache can no longer serve (past max_stale): the fetch
+        fails with EIO as an open would, and the kernel fails reads of its cached pages too."""
+        if (
+            node.spec is not None
+            and self.volumes.peek(node.inode, last_render=not self.no_open) is None
+        ):
             try:
                 await self.volumes.content(node.inode)
             except FetchError as exc:
@@ -150,7 +173,7 @@ class SecretFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO) from None
         return self._attrs(node)
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Node, told: Rendered | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
@@ -167,8 +190,11 @@ class SecretFS(pyfuse3.Operations):
         else:
             a.st_nlink = 1
             a.attr_timeout = min(self.attr_timeout, self.file_attr_timeout)
-            a.st_size, mtime = self._size(node)
-            if self._state(node.inode).reported is None:
+            if told is not None:  # the version the kernel was told last, not to be kept
+                a.st_size, mtime, a.attr_timeout = len(told.data), told.since_ns, 0
+            else:
+                a.st_size, mtime = self._size(node)
+            if told is None and self._state(node.inode).reported is None:
                 # A size covering an older version still open: do not let the kernel keep it,
                 # so a stat soon after that handle's (asynchronous) RELEASE sees the new size.
                 a.attr_timeout = 0
@@ -190,6 +216,8 @@ class SecretFS(pyfuse3.Operations):
             st.reported = None
         else:
             st.reported = cur.version if cur is not None else None
+            if self.no_open:
+                st.served = cur
         mtime = cur.since_ns if cur is not None else node.mtime_ns
         return size, mtime
 
@@ -260,6 +288,10 @@ class SecretFS(pyfuse3.Operations):
         except FetchError as exc:
             log.warning("open %s/%s: %s", node.volume, node.spec and node.spec.path, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if self.no_open:
+            # This open succeeds all the same (with no handle), and no OPEN or RELEASE follows
+            # on this connection: every READ from now on names its inode.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         st = self._state(inode)
         # Is a handle of another version open? (Counter keys are the versions with open handles.)
         ov = st.open_versions
@@ -303,10 +335,37 @@ class SecretFS(pyfuse3.Operations):
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if fh < _FIRST_FH:
+            return (await self._served(fh)).data[off : off + size]
         h = self._handles.get(fh)
         if h is None:
             h = await self._adopt(fh)
         return h.content.data[off : off + size]
+
+    async def _served(self, inode: int) -> Rendered:
+        """A no-open READ: the version whose size the kernel was told last, or (none told by
+        this generation, after a takeover) the current one, which it is then told."""
+        self.no_open_reads += 1
+        st = self._states.get(inode)
+        if st is not None and st.served is not None:
+            return st.served
+        node = self.tree.get(inode)
+        if node is None or node.spec is None:
+            if inode == 0:
+                log.warning(
+                    "a READ without a file handle: this connection serves no-open reads, which "
+                    "this pyfuse3 cannot (install the build of scripts/build-pyfuse3.sh)"
+                )
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            content = await self.volumes.content(inode)
+        except FetchError as exc:
+            log.warning("read %s/%s: %s", node.volume, node.spec.path, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        st = self._state(inode)
+        st.served = content
+        st.reported = content.version
+        return content
 
     async def _adopt(self, fh: int) -> _Handle:
         """A handle this process never issued: an earlier generation opened it."""
@@ -392,6 +451,13 @@ class SecretFS(pyfuse3.Operations):
         ):
             raise pyfuse3.FUSEError(errno.EROFS)
         self.announced += 1
+        st = self._states.get(inode)
+        if self.no_open and st is not None and st.served is not None:
+            # The kernel keeps a SETATTR answer without dropping pages even if the mtime moved
+            # (only GETATTR answers make FUSE_AUTO_INVAL_DATA compare it). Answer what it already
+            # has, to be asked again at once: that GETATTR brings the new version's size and
+            # mtime, and the kernel drops the old pages.
+            return self._attrs(node, told=st.served)
         return await self._entry(node)
 
     # Everything else that would change the filesystem.

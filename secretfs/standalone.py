@@ -18,6 +18,7 @@ from secretfs import announce, metrics
 from secretfs import spc as spc_mod
 from secretfs.fs import ATTR_TIMEOUT, SecretFS
 from secretfs.hardening import describe, harden
+from secretfs.readpath import describe_read_path
 from secretfs.volumes import DEFAULT_MIN_TTL, VolumeError, Volumes, ttl_problem
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class MountOptions:
     min_ttl: float = DEFAULT_MIN_TTL
     max_ttl: float | None = None
     metrics_addr: str = ""  # Prometheus /metrics (secretfs/metrics.py); empty: off
+    no_open: bool = False  # serve opens and warm reads without OPEN (fs.choose_no_open)
 
     def check(self) -> None:
         problem = ttl_problem(self.ttl, self.max_stale, self.min_ttl, self.max_ttl)
@@ -210,6 +212,8 @@ async def run(
             return 1
         fs = fs_factory(volumes)
         fs.attr_timeout = opts.attr_timeout
+        fs.no_open = opts.no_open
+        log.info("read path: %s", describe_read_path(opts.no_open))
         # As root, mount writable, keep a private writable clone for change announcements and
         # make the mount itself read-only; without privilege, a plain read-only mount.
         privileged = os.geteuid() == 0

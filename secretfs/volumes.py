@@ -366,8 +366,11 @@ class Volumes:
             ) from None
         return self._render(inode, vol, spec, value)
 
-    def peek(self, inode: int) -> Rendered | None:
-        """The bytes a new open would most likely get, without waiting (for getattr)."""
+    def peek(self, inode: int, *, last_render: bool = True) -> Rendered | None:
+        """The bytes a new open would most likely get, without waiting (for getattr). When the
+        cache has nothing to serve (a value past max_stale), the last render, unless
+        ``last_render`` is false (no-open mode: getattr is all that stands between a reader and
+        the kernel's page cache, so it must fail as an open would)."""
         node = self.tree[inode]
         if node.spec is None or node.key is None or node.volume not in self.volumes:
             return None
@@ -380,7 +383,7 @@ class Volumes:
         # value stored by the mount-time batch has no loader of its own yet).
         value = self.cache.get_nowait(node.key, load, dynamic=spec.dynamic)
         if value is None:
-            return self._rendered.get(inode)
+            return self._rendered.get(inode) if last_render else None
         try:
             return self._render(inode, self.volumes[node.volume], node.spec, value)
         except FetchError:

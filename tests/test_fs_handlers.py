@@ -113,6 +113,43 @@ async def test_handles_of_an_earlier_generation_are_served(fs: SecretFS) -> None
     await fs.release(issued.fh)
 
 
+async def test_no_open_mode_reads_by_inode_the_version_the_kernel_was_told(
+    fs: SecretFS, fake: FakeProvider, mock_clock: trio.testing.MockClock
+) -> None:
+    """No-open mode: OPEN answers ENOSYS (after the checks an open must still fail), READs name
+    the inode and get the version whose size the kernel was last told, so the bytes always match
+    the size it clips at; a new generation serves them too."""
+    mock_clock.rate = 1
+    fs.no_open = True
+    db = await ino(fs, "db")  # the lookup tells the kernel v1's size
+    for inode, flags, err in (
+        (db, os.O_RDONLY, errno.ENOSYS),
+        (db, os.O_WRONLY, errno.EROFS),
+        (await ino(fs, "app"), os.O_RDONLY, errno.EISDIR),
+    ):
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.open(inode, flags, CTX)
+        assert exc.value.errno == err
+    assert await fs.read(db, 0, 100) == b"password-1"
+    assert await fs.read(db, 4, 4) == b"word"
+    fake.set("db", b"password-2-longer")
+    mock_clock.jump(11)
+    await fs.getattr(db, CTX)  # past the TTL: still v1's size, and the refresh starts
+    await until(lambda: fake.calls["db"] == 2 and not fs.volumes.cache._inflight)
+    # The cache has v2 now, but until the kernel is told its size READs keep answering v1.
+    assert await fs.read(db, 0, 100) == b"password-1"
+    assert (await fs.getattr(db, CTX)).st_size == len(b"password-2-longer")
+    assert await fs.read(db, 0, 100) == b"password-2-longer"
+    assert fs.no_open_reads == 4
+    # A new daemon generation (takeover) has told the kernel nothing: it serves the current one.
+    assert await SecretFS(fs.volumes, no_open=True).read(db, 9, 100) == b"2-longer"
+    # No inode, or not a file: refused, never guessed at.
+    for bad in (0, 99999, ROOT_INODE):
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await fs.read(bad, 0, 1)
+        assert exc.value.errno == errno.EBADF
+
+
 @pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC])
 async def test_open_for_writing_is_erofs(fs: SecretFS, flags: int) -> None:
     with pytest.raises(pyfuse3.FUSEError) as exc:

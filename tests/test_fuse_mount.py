@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
+from secretfs.readpath import no_open_supported
 from tests.moto_server import FAKE_KEYS, _answers, _free_port
 from tests.mounting import ROOT, Mount, MountFailed, is_mounted, mounted, needs_fuse, wait_for
 
@@ -171,14 +172,21 @@ def test_rotation_is_visible_after_ttl_without_remount(
         assert os.stat(m.file("MyDatabasePassword")).st_size == 1
 
 
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [("secretfs", ("--read-path", "open")), ("tests.stock_pyfuse3", ())],
+    ids=["open-path", "stock-pyfuse3-falls-back"],
+)
 def test_an_open_file_keeps_its_version_across_rotation(
-    aws_env: dict[str, str], tmp_path: Path
+    aws_env: dict[str, str], tmp_path: Path, module: str, args: tuple[str, ...]
 ) -> None:
+    """The open path: asked for, or the fallback on a pyfuse3 without the no-open change."""
     client = sm(aws_env)
     old = b"old-value-" + b"o" * 5000
     new = b"new"
     client.create_secret(Name="MyDatabasePassword", SecretString=old.decode())
-    with mounted(spc(DB), tmp_path, "--ttl", "1") as m:
+    with mounted(spc(DB), tmp_path, "--ttl", "1", *args, module=module) as m:
+        assert "read path: open" in m.log()
         fd = os.open(m.file("MyDatabasePassword"), os.O_RDONLY)
         try:
             assert os.pread(fd, 10, 0) == old[:10]
@@ -196,6 +204,47 @@ def test_an_open_file_keeps_its_version_across_rotation(
         # still covers the old version's size (docs/INTERNALS.md). Guaranteed: shortly after.
         size = m.file("MyDatabasePassword")
         assert wait_for(lambda: os.stat(size).st_size == len(new), timeout=5, interval=0.01)
+
+
+def test_no_open_reads_each_get_one_whole_version(aws_env: dict[str, str], tmp_path: Path) -> None:
+    """No-open mode, the default with the pyfuse3 `make setup` builds: opens and cached reads
+    never reach the daemon, so a descriptor follows changes (one version per read, not per open;
+    docs/INTERNALS.md). Each read of a whole file (one READ, up to 128 KiB) is one version, never
+    a mix, while the value changes under readers."""
+    assert no_open_supported(), "this pyfuse3 lacks the no-open change: run `make setup`"
+    client = sm(aws_env)
+    # Changes of size and, from the third back to the first, of content alone (same size: the
+    # kernel drops its pages because the mtime changed, FUSE_AUTO_INVAL_DATA).
+    values = [bytes([c]) * n for c, n in ((65, 60_000), (66, 41_000), (67, 60_000))]
+    client.create_secret(Name="MyDatabasePassword", SecretString=values[0].decode())
+    with mounted(spc(DB), tmp_path, "--ttl", "1") as m:
+        assert "read path: no-open" in m.log()
+        path = m.file("MyDatabasePassword")
+        held = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(held, 1 << 17, 0) == values[0]
+            client.put_secret_value(SecretId="MyDatabasePassword", SecretString="v2")
+            assert wait_for(lambda: os.pread(held, 1 << 17, 0) == b"v2")
+            assert os.fstat(held).st_size == 2  # no RELEASE to wait for: the size is current
+            client.put_secret_value(SecretId="MyDatabasePassword", SecretString="w2")
+            assert wait_for(lambda: os.pread(held, 1 << 17, 0) == b"w2")
+        finally:
+            os.close(held)
+        seen: list[bytes] = []
+        stop = time.monotonic() + 6
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            client.put_secret_value(
+                SecretId="MyDatabasePassword", SecretString=values[i % 3].decode()
+            )
+            until = time.monotonic() + 0.4
+            while time.monotonic() < until:
+                with open(path, "rb", buffering=0) as f:
+                    seen.append(f.read(1 << 17))
+        mixed = [s[:1] + b"..." for s in seen if s not in (b"w2", *values)]
+        assert not mixed, f"{len(mixed)} of {len(seen)} reads were not one whole version"
+        assert len(set(seen)) >= 2, "no change was seen in 6 s with a 1 s TTL"
 
 
 def test_a_dead_mount_of_a_killed_daemon_is_replaced(
