@@ -2,7 +2,7 @@
 # Site-packages of a fresh venv per extra (what `pip install 'secretfs-csi[EXTRA]'` brings), less
 # pip and setuptools. Needs network access to the package index; takes a few minutes (pyfuse3
 # compiles once, then comes from pip's cache). Prints a Markdown table.
-#   bash bench/install_footprint.sh
+#   bash bench/install_footprint.sh [EXTRA ...]     (default: the core and every extra; "" is the core)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
@@ -15,7 +15,9 @@ size() {  # KiB of site-packages without pip, setuptools, pkg_resources
 }
 echo "| install | site-packages (MiB) |"
 echo "|---|---|"
-for extra in "" aws vault azure gcp plugin csi all; do
+extras=("$@")
+[ ${#extras[@]} -gt 0 ] || extras=("" aws vault azure gcp plugin csi all)
+for extra in "${extras[@]}"; do
   venv="$work/v${extra:-core}"
   python3 -m venv "$venv"
   spec="$root"; [ -n "$extra" ] && spec="$root[$extra]"

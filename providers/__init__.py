@@ -36,7 +36,7 @@ MAX_PLUGINS = 256
 # imports): a provider whose libraries are missing names the extra to install.
 DISTRIBUTION = "secretfs-csi"
 EXTRAS: dict[str, tuple[str, frozenset[str]]] = {
-    "aws": ("aws", frozenset({"boto3", "botocore", "jmespath", "s3transfer"})),
+    "aws": ("aws", frozenset({"botocore", "jmespath"})),
     "vault": ("vault", frozenset({"hvac", "requests"})),
     "azure": ("azure", frozenset({"azure", "msal", "cryptography"})),
     "gcp": ("gcp", frozenset({"google", "grpc", "proto"})),

@@ -40,7 +40,6 @@ import functools
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -94,18 +93,22 @@ async def _erofs(*_: Any, **__: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
-@dataclass
-class _InodeState:
-    """What the kernel may hold for one inode."""
+_NONE_OPEN: dict[str, int] = {}  # shared by every state without open handles; never changed
 
-    open_versions: Counter[str] = field(default_factory=Counter)
-    open_sizes: dict[str, int] = field(default_factory=dict)
+
+@dataclass(slots=True)
+class _InodeState:
+    """What the kernel may hold for one inode (one per inode it looked up: slots, and the
+    open-handle maps only while a handle is open)."""
+
+    open_versions: dict[str, int] = field(default_factory=lambda: _NONE_OPEN)
+    open_sizes: dict[str, int] = field(default_factory=lambda: _NONE_OPEN)
     page_version: str | None = None  # version the page cache may hold
     reported: str | None = None  # version whose size the kernel was told last (None: mixed)
     served: Rendered | None = None  # no-open mode: that version's bytes, what READs answer
 
 
-@dataclass
+@dataclass(slots=True)
 class _Handle:
     inode: int
     content: Rendered
@@ -293,7 +296,7 @@ class SecretFS(pyfuse3.Operations):
             # on this connection: every READ from now on names its inode.
             raise pyfuse3.FUSEError(errno.ENOSYS)
         st = self._state(inode)
-        # Is a handle of another version open? (Counter keys are the versions with open handles.)
+        # Is a handle of another version open? (The keys are the versions with open handles.)
         ov = st.open_versions
         others = len(ov) > 1 or (len(ov) == 1 and content.version not in ov)
         fh = inode << FH_SHIFT | (self._next_fh & _FH_MASK)
@@ -329,7 +332,9 @@ class SecretFS(pyfuse3.Operations):
 
     def _hold(self, fh: int, inode: int, content: Rendered) -> None:
         st = self._state(inode)
-        st.open_versions[content.version] += 1
+        if st.open_versions is _NONE_OPEN:
+            st.open_versions, st.open_sizes = {}, {}
+        st.open_versions[content.version] = st.open_versions.get(content.version, 0) + 1
         st.open_sizes[content.version] = len(content.data)
         self._handles[fh] = _Handle(inode, content)
 
@@ -392,12 +397,14 @@ class SecretFS(pyfuse3.Operations):
             return
         st = self._state(h.inode)
         v = h.content.version
-        left = st.open_versions[v] - 1
+        left = st.open_versions.get(v, 0) - 1
         if left > 0:
             st.open_versions[v] = left
         else:
             st.open_versions.pop(v, None)
             st.open_sizes.pop(v, None)
+            if not st.open_versions:
+                st.open_versions = st.open_sizes = _NONE_OPEN
             cur = self.volumes.current(h.inode) if self.tree.get(h.inode) else None
             if cur is not None and cur.version != v:
                 # The last handle of an old version is gone: let the kernel re-read attributes

@@ -30,7 +30,6 @@ import socket
 
 import pyfuse3
 import trio
-import trio.testing
 
 from secretfs import fusewire
 
@@ -75,6 +74,10 @@ async def take_over(
                     await pyfuse3.main()
                     done.set()
 
+                # Here, not at the top: trio.testing costs ~1 MiB resident (with pytest around,
+                # 4), and only an attaching daemon needs it.
+                from trio.testing import wait_all_tasks_blocked
+
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(run_main)
                     await peer.send(init)
@@ -83,7 +86,7 @@ async def take_over(
                     # the reply. Wake each only once it is parked there, so none still waits on
                     # S when S becomes /dev/fuse; main() returns when none is left.
                     while not done.is_set():
-                        await trio.testing.wait_all_tasks_blocked()
+                        await wait_all_tasks_blocked()
                         if not done.is_set():
                             trio.lowlevel.notify_closing(session_fd)
         except trio.TooSlowError:

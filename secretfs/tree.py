@@ -20,7 +20,7 @@ ROOT_INODE = 1
 DIR_MODE = 0o555
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     inode: int
     parent: int
@@ -46,6 +46,9 @@ class Tree:
     mtime_ns: int = 0
     nodes: dict[int, Node] = field(default_factory=dict)
     by_key: dict[Hashable, set[int]] = field(default_factory=dict)
+    # One object per distinct cache key in use (``canonical``): volumes of one identity and class
+    # share their keys' tuples instead of holding equal copies (measured: ~1.4 KiB a volume).
+    _canon: dict[Hashable, Hashable] = field(default_factory=dict)
     _next: int = ROOT_INODE + 1
 
     def __post_init__(self) -> None:
@@ -84,6 +87,25 @@ class Tree:
         assert node.children is not None
         return [self.nodes[i] for _, i in sorted(node.children.items())]
 
+    def canonical(self, key: Hashable) -> Hashable:
+        """The object of an equal key already in use, else ``key`` itself."""
+        return self._canon.get(key, key)
+
+    def _index(self, key: Hashable, ino: int) -> None:
+        inodes = self.by_key.get(key)
+        if inodes is None:
+            inodes = self.by_key[key] = set()
+            self._canon[key] = key
+        inodes.add(ino)
+
+    def _unindex(self, key: Hashable, ino: int) -> None:
+        inodes = self.by_key.get(key)
+        if inodes is not None:
+            inodes.discard(ino)
+            if not inodes:
+                del self.by_key[key]
+                self._canon.pop(key, None)
+
     def inodes_for(self, key: Hashable) -> set[int]:
         return self.by_key.get(key, set())
 
@@ -93,13 +115,9 @@ class Tree:
         for ino, key in keys.items():
             node = self.nodes[ino]
             assert node.spec is not None, "only files have keys"
-            old = self.by_key.get(node.key)
-            if old is not None:
-                old.discard(ino)
-                if not old:
-                    del self.by_key[node.key]
-            node.key = key
-            self.by_key.setdefault(key, set()).add(ino)
+            self._unindex(node.key, ino)
+            node.key = self.canonical(key)
+            self._index(node.key, ino)
 
     def add_volume(
         self,
@@ -141,13 +159,15 @@ class Tree:
                     parent = existing.inode
                 else:
                     raise ValueError(f"{spec.path!r}: {d!r} is a file")
-            if self.lookup(parent, base.encode()) is not None:
+            name = base.encode()
+            if self.lookup(parent, name) is not None:
                 raise ValueError(f"duplicate file {spec.path!r}")
-            ino = made[spec.path] = self._new(parent, base.encode(), wanted.get(spec.path))
+            ino = made[spec.path] = self._new(parent, name, wanted.get(spec.path))
+            key = self.canonical(key)
             self.nodes[ino] = Node(
                 ino,
                 parent,
-                base.encode(),
+                name,
                 stat.S_IFREG | spec.mode,
                 uid,
                 gid,
@@ -156,7 +176,7 @@ class Tree:
                 key=key,
                 mtime_ns=mtime_ns,
             )
-            self.by_key.setdefault(key, set()).add(ino)
+            self._index(key, ino)
         return made
 
     def reserve(self, next_inode: int) -> None:
@@ -173,11 +193,7 @@ class Tree:
         for ino in removed:
             node = self.nodes.pop(ino)
             if node.key is not None:
-                inodes = self.by_key.get(node.key)
-                if inodes is not None:
-                    inodes.discard(ino)
-                    if not inodes:
-                        del self.by_key[node.key]
+                self._unindex(node.key, ino)
             parent = self.nodes.get(node.parent)
             if parent is not None and parent.children is not None:
                 parent.children.pop(node.name, None)

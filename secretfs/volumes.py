@@ -117,7 +117,7 @@ class _Reload:
     outcomes: dict[Hashable, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Rendered:
     version: str
     data: bytes = field(repr=False)
@@ -556,7 +556,7 @@ class Volumes:
     def _key(self, vol: Volume, spec: FileSpec) -> Hashable:
         base = (vol.plan.provider, vol.plan.auth, vol.identity.key(), spec.source)
         # Dynamic material belongs to one volume: never shared, never re-issued for another.
-        return (*base, "volume", vol.id) if spec.dynamic else base
+        return (*base, "volume", vol.id) if spec.dynamic else self.tree.canonical(base)
 
     def _render(self, inode: int, vol: Volume, spec: FileSpec, value: Fetched) -> Rendered:
         cached = self._rendered.get(inode)

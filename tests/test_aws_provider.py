@@ -539,6 +539,28 @@ def test_secretsmanager_string_binary_versions(aws_env: dict[str, str]) -> None:
     assert versions(p, params)[:3] == [v2, v1, v1]
 
 
+def test_endpoint_data_keeps_only_the_services_it_calls(aws_env: dict[str, str]) -> None:
+    """botocore's endpoint data is pruned to the provider's services (6.7 MiB resident
+    otherwise), and clients of those services still resolve endpoints and work."""
+    from providers.aws import auth
+
+    p = AwsProvider()
+    client(aws_env, "secretsmanager").create_secret(Name="pruned", SecretString="still-here")
+    got = mount(p, {"objects": objects({"objectName": "pruned", "objectType": "secretsmanager"})})
+    assert got == {"pruned": b"still-here"}
+    session = p._clients._session
+    assert session is not None
+    endpoints = session.get_component("data_loader").load_data("endpoints")
+    partitions = endpoints["partitions"]
+    assert {pt["partition"] for pt in partitions} >= {"aws", "aws-cn", "aws-us-gov"}
+    for pt in partitions:
+        assert set(pt["services"]) <= auth.SERVICES, pt["partition"]
+    assert "secretsmanager" in next(pt for pt in partitions if pt["partition"] == "aws")["services"]
+    # What only endpoints.json knows still answers: a region's partition and hostname.
+    cli = p._clients.client("sts", "cn-north-1", None, unsigned=True)
+    assert cli.meta.partition == "aws-cn"
+
+
 def test_secret_by_arn(aws_env: dict[str, str]) -> None:
     arn = client(aws_env, "secretsmanager").create_secret(Name="db/prod", SecretString="x")["ARN"]
     files = mount(AwsProvider(), {"objects": objects({"objectName": arn})})

@@ -226,7 +226,7 @@ def _without(module: str, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_missing_extra_is_named() -> None:
-    out = _without("boto3", "check", "examples/aws-seed.yaml")
+    out = _without("botocore", "check", "examples/aws-seed.yaml")
     assert out.returncode == 1, out.stderr
     assert "provider 'aws' is not installed on this node" in out.stderr
     assert "pip install 'secretfs-csi[aws]'" in out.stderr and "Traceback" not in out.stderr

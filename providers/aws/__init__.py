@@ -1,4 +1,4 @@
-"""``provider: aws``: AWS Secrets Manager and SSM Parameter Store (extra ``aws``: boto3).
+"""``provider: aws``: AWS Secrets Manager and SSM Parameter Store (extra ``aws``: botocore).
 
 ``provider`` is the Provider; ``params`` parses upstream's parameters, ``auth`` builds credentials,
 ``fetch`` calls the APIs, ``errors`` classifies their failures. Importing this package imports no

@@ -1,7 +1,11 @@
-"""boto3 clients and credentials for the AWS provider.
+"""botocore clients and credentials for the AWS provider.
 
-Ambient identity (standalone mode) uses boto3's default credential chain. A pod identity uses IRSA:
-the pod's token for audience ``sts.amazonaws.com`` and the role in its service account's
+botocore directly, not boto3: boto3's session adds nothing clients need, and importing it costs
+about as much again as botocore (it pulls in s3transfer); start-up time matters to
+``secretfs mount`` (bench/startup.py).
+
+Ambient identity (standalone mode) uses botocore's default credential chain. A pod identity uses
+IRSA: the pod's token for audience ``sts.amazonaws.com`` and the role in its service account's
 ``eks.amazonaws.com/role-arn`` annotation go to STS AssumeRoleWithWebIdentity; or, with
 ``usePodIdentity: "true"``, EKS Pod Identity: the pod's ``pods.eks.amazonaws.com`` token goes to the
 node's Pod Identity Agent. Temporary credentials are cached until 5 minutes before they expire.
@@ -9,14 +13,15 @@ node's Pod Identity Agent. Temporary credentials are cached until 5 minutes befo
 Endpoints and ambient credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, profiles, IMDS, ...), read when a client is first created.
 
-Thread-safety: boto3 clients are thread-safe, a boto3 Session is not, so the one shared Session is
+Thread-safety: botocore clients are thread-safe, a Session is not, so the one shared Session is
 only touched under ``_lock``. One Session (not one per identity) keeps a single copy of the parsed
-service models in memory; per-identity credentials are passed to ``Session.client``.
+service models in memory; per-identity credentials are passed to ``Session.create_client``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -25,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import boto3.session
+import botocore.loaders
+import botocore.session
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, MetadataRetrievalError
@@ -80,6 +86,39 @@ CLIENT_CONFIG = Config(
 UNSIGNED_CONFIG = CLIENT_CONFIG.merge(Config(signature_version=UNSIGNED))
 
 
+# The services this provider calls. botocore's endpoint data (endpoints.json: every partition x
+# every AWS service) takes 6.7 MiB once decoded, kept for the process's life, and only these
+# services' entries are ever read.
+SERVICES = frozenset({"secretsmanager", "ssm", "sts"})
+
+
+class _Loader(botocore.loaders.Loader):
+    """botocore's data loader, keeping only SERVICES of the endpoint data it loads."""
+
+    def load_data_with_path(self, name: str) -> Any:
+        data, path = super().load_data_with_path(name)
+        if name == "endpoints" and isinstance(data, dict):
+            for partition in data.get("partitions") or ():
+                services = partition.get("services") if isinstance(partition, dict) else None
+                if isinstance(services, dict):
+                    for service in [s for s in services if s not in SERVICES]:
+                        del services[service]  # in place: the loader caches this very object
+        return data, path
+
+
+def _session() -> botocore.session.Session:
+    session = botocore.session.get_session()
+    # What botocore.loaders.create_loader does, with the loader above (AWS_DATA_PATH honoured).
+    paths = session.get_config_variable("data_path")
+    extra = (
+        [os.path.expanduser(os.path.expandvars(p)) for p in paths.split(os.pathsep)]
+        if paths
+        else []
+    )
+    session.register_component("data_loader", _Loader(extra_search_paths=extra))
+    return session
+
+
 @dataclass(frozen=True)
 class Creds:
     """Temporary credentials; ``expires`` is a time.time() value."""
@@ -113,7 +152,7 @@ class ClientCache:
 
     def __init__(self, clock: Any = time.time) -> None:
         self._lock = threading.Lock()
-        self._session: boto3.session.Session | None = None
+        self._session: botocore.session.Session | None = None
         self._clients: LRUCache[Hashable, Any] = LRUCache(maxsize=256)
         self._creds: LRUCache[Hashable, Creds] = LRUCache(maxsize=1024)
         self._flights: dict[Hashable, threading.Lock] = {}
@@ -128,7 +167,7 @@ class ClientCache:
             cli = self._clients.get(key)
             if cli is None:
                 if self._session is None:
-                    self._session = boto3.session.Session()
+                    self._session = _session()
                 kwargs: dict[str, Any] = {}
                 if creds is not None:
                     kwargs = {
@@ -136,8 +175,8 @@ class ClientCache:
                         "aws_secret_access_key": creds.secret_key,
                         "aws_session_token": creds.token,
                     }
-                cli = self._session.client(
-                    service,  # type: ignore[call-overload]
+                cli = self._session.create_client(
+                    service,
                     region_name=region,
                     config=UNSIGNED_CONFIG if unsigned else CLIENT_CONFIG,
                     **kwargs,
