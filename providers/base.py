@@ -84,7 +84,7 @@ class FetchError(Exception):
         super().__init__(f"object {quote(obj)}: {message}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class FileSpec:
     """One file of a volume.
 

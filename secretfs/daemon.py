@@ -473,11 +473,12 @@ class Daemon:
                 raise ControlError(classify(exc), f"{where}: {exc}") from None
         finally:
             self._pending.discard(volume_id)
-        vol.record = record_request(msg)
+        record = record_request(msg)
         plan = vol.plan  # an external provider's plan has its files only now
         if hasattr(vol.provider, "expand_sync"):
             # The files the provider returned: the next generation rebuilds them without a call.
-            vol.record["files"] = [[f.path, f.mode] for f in plan.files]
+            record["files"] = [[f.path, f.mode] for f in plan.files]
+        vol.record = record
         log.info(
             "volume %s added: %s for %s/%s, %d file(s), gid %d",
             volume_id,
@@ -495,8 +496,8 @@ class Daemon:
             "inodes": vol.inodes,
             "next_inode": self.volumes.tree.next_inode,
         }
-        if "files" in vol.record:
-            answer["plugin_files"] = vol.record["files"]
+        if "files" in record:
+            answer["plugin_files"] = record["files"]
         return answer
 
     async def restore(self, volume_id: str, msg: dict[str, Any]) -> dict[str, Any]:
@@ -603,9 +604,11 @@ class Daemon:
     @staticmethod
     def _record_identity(vol: Volume, **fields: Any) -> None:
         """Keep the record a restarted keeper gets back (``export``) up to date."""
-        identity = vol.record.get("identity")
+        record = vol.record
+        identity = record.get("identity")
         if isinstance(identity, dict):
             identity.update(fields)
+            vol.record = record
 
 
 def target_of(msg: dict[str, Any], volume_id: str) -> str:
