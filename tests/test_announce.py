@@ -154,7 +154,9 @@ def test_a_rotation_raises_in_attrib_for_every_watcher_and_reading_cannot(
                     client.put_secret_value(SecretId=NAME, SecretString="3")
             # The watch is still there (no IN_IGNORED): the same inode keeps being announced.
             assert not any("IGNORED" in e for e, _ in host.events("file") + ns.events("file"))
-            assert os.stat(m.file(NAME)).st_size == 1  # the SETATTR answer is the new version's
+            # The SETATTR answer (or, on the no-open path, the GETATTR it asks for) is the new
+            # version's.
+            assert os.stat(m.file(NAME)).st_size == 1
             assert wait_for(lambda: ns.stats()[-1][0] == 1)
             assert m.read(NAME) == b"3"
         finally:

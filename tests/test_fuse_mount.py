@@ -17,6 +17,7 @@ import pytest
 from secretfs.readpath import no_open_supported
 from tests.moto_server import FAKE_KEYS, _answers, _free_port
 from tests.mounting import ROOT, Mount, MountFailed, is_mounted, mounted, needs_fuse, wait_for
+from tests.ns_reader import NsReader
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -220,6 +221,9 @@ def test_no_open_reads_each_get_one_whole_version(aws_env: dict[str, str], tmp_p
     with mounted(spc(DB), tmp_path, "--ttl", "1") as m:
         assert "read path: no-open" in m.log()
         path = m.file("MyDatabasePassword")
+        # And a container's view: a bind made in a private mount namespace, read in a loop
+        # (open+read+close, and pread on a descriptor held throughout) the whole time.
+        ctr = NsReader(str(m.path), str(tmp_path / "ctr"), "MyDatabasePassword")
         held = os.open(path, os.O_RDONLY)
         try:
             assert os.pread(held, 1 << 17, 0) == values[0]
@@ -242,9 +246,16 @@ def test_no_open_reads_each_get_one_whole_version(aws_env: dict[str, str], tmp_p
             while time.monotonic() < until:
                 with open(path, "rb", buffering=0) as f:
                     seen.append(f.read(1 << 17))
+        summary = ctr.finish()
         mixed = [s[:1] + b"..." for s in seen if s not in (b"w2", *values)]
         assert not mixed, f"{len(mixed)} of {len(seen)} reads were not one whole version"
         assert len(set(seen)) >= 2, "no change was seen in 6 s with a 1 s TTL"
+        in_ctr = summary["seen"]
+        assert isinstance(in_ctr, dict) and summary["errors"] == {}, summary["errors"]
+        whole = {v.decode() for v in (b"v2", b"w2", *values)}
+        assert set(in_ctr) <= whole, [k[:8] for k in in_ctr if k not in whole]
+        # The same-size change reached the container's reads too, and so did the loop's.
+        assert "w2" in in_ctr and len(set(in_ctr) & {v.decode() for v in values}) >= 2
 
 
 def test_a_dead_mount_of_a_killed_daemon_is_replaced(
