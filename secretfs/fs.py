@@ -354,35 +354,33 @@ class SecretFS(pyfuse3.Operations):
         st = self._states.get(inode)
         if st is not None and st.served is not None:
             return st.served
-        node = self.tree.get(inode)
-        if node is None or node.spec is None:
-            if inode == 0:
-                log.warning(
-                    "a READ without a file handle: this connection serves no-open reads, which "
-                    "this pyfuse3 cannot (install the build of scripts/build-pyfuse3.sh)"
-                )
-            raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            content = await self.volumes.content(inode)
-        except FetchError as exc:
-            log.warning("read %s/%s: %s", node.volume, node.spec.path, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        if inode == 0:
+            log.warning(
+                "a READ without a file handle: this connection serves no-open reads, which "
+                "this pyfuse3 cannot (install the build of scripts/build-pyfuse3.sh)"
+            )
+        content = await self._read_content(inode)
         st = self._state(inode)
         st.served = content
         st.reported = content.version
         return content
 
-    async def _adopt(self, fh: int) -> _Handle:
-        """A handle this process never issued: an earlier generation opened it."""
-        inode = fh >> FH_SHIFT
+    async def _read_content(self, inode: int) -> Rendered:
+        """The current version of a file a READ names without an open of this process (an
+        earlier generation's handle, or no-open mode): EBADF if ``inode`` is no file."""
         node = self.tree.get(inode)
         if node is None or node.spec is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            content = await self.volumes.content(inode)
+            return await self.volumes.content(inode)
         except FetchError as exc:
             log.warning("read %s/%s: %s", node.volume, node.spec.path, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _adopt(self, fh: int) -> _Handle:
+        """A handle this process never issued: an earlier generation opened it."""
+        inode = fh >> FH_SHIFT
+        content = await self._read_content(inode)
         h = self._handles.get(fh)  # another read of the same handle may have adopted it
         if h is None:
             self._hold(fh, inode, content)
