@@ -128,6 +128,7 @@ class SecretFS(pyfuse3.Operations):
         # (only with a pyfuse3 that passes the inode to read: no_open_supported()).
         self.no_open = no_open
         self.no_open_reads = 0  # READs answered by inode (no-open mode)
+        self._said_no_open = False  # warned that an earlier generation chose no-open mode
         self.volumes = volumes
         self.tree = volumes.tree
         self.attr_timeout = attr_timeout
@@ -341,6 +342,13 @@ class SecretFS(pyfuse3.Operations):
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh < _FIRST_FH:
+            if not self.no_open and not self._said_no_open:
+                self._said_no_open = True
+                log.warning(
+                    "this FUSE connection serves no-open reads (an earlier daemon generation "
+                    "chose them): no open reaches this daemon, so --audit writes no lines until "
+                    "the connection is mounted anew"
+                )
             return (await self._served(fh)).data[off : off + size]
         h = self._handles.get(fh)
         if h is None:

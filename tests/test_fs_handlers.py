@@ -114,7 +114,10 @@ async def test_handles_of_an_earlier_generation_are_served(fs: SecretFS) -> None
 
 
 async def test_no_open_mode_reads_by_inode_the_version_the_kernel_was_told(
-    fs: SecretFS, fake: FakeProvider, mock_clock: trio.testing.MockClock
+    fs: SecretFS,
+    fake: FakeProvider,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """No-open mode: OPEN answers ENOSYS (after the checks an open must still fail), READs name
     the inode and get the version whose size the kernel was last told, so the bytes always match
@@ -141,8 +144,14 @@ async def test_no_open_mode_reads_by_inode_the_version_the_kernel_was_told(
     assert (await fs.getattr(db, CTX)).st_size == len(b"password-2-longer")
     assert await fs.read(db, 0, 100) == b"password-2-longer"
     assert fs.no_open_reads == 4
-    # A new daemon generation (takeover) has told the kernel nothing: it serves the current one.
+    # A new daemon generation (takeover) has told the kernel nothing: it serves the current one,
+    # also if it chose the open path (the kernel keeps no-open mode), saying once what that costs.
     assert await SecretFS(fs.volumes, no_open=True).read(db, 9, 100) == b"2-longer"
+    opened = SecretFS(fs.volumes, no_open=False)
+    assert await opened.read(db, 9, 100) == b"2-longer"
+    assert await opened.read(db, 0, 8) == b"password"
+    said = [r for r in caplog.records if "serves no-open reads" in r.getMessage()]
+    assert len(said) == 1 and "--audit writes no lines" in said[0].getMessage()
     # No inode, or not a file: refused, never guessed at.
     for bad in (0, 99999, ROOT_INODE):
         with pytest.raises(pyfuse3.FUSEError) as exc:
