@@ -28,8 +28,8 @@ Consistency rules (see docs/INTERNALS.md for the why):
   re-reads them at the next read, sees the new mtime or size and drops the pages itself, in the
   reader's context. The guarantee is one version per READ (a file of up to 128 KiB read with one
   ``read`` of its size), not per open: a reader reading a bigger file in small pieces while it
-  changes can get the old version's start and the new one's end, and so can a read during which
-  another reader of the file makes the kernel learn of a change (docs/INTERNALS.md).
+  changes can get the old version's start and the new one's end, and so, rarely, can a read that
+  overlaps the moment the kernel learns of a change (docs/INTERNALS.md).
 - Every write-ish request fails with EROFS. No handler lets anything but FUSEError escape: one
   stray exception would end ``pyfuse3.main`` and leave every mount dead.
 """
