@@ -56,6 +56,15 @@ def time_cmd(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def first_read(mnt: Path, t0: float, who: str) -> float:
+    """Seconds from ``t0`` until the mounted file reads back the secret."""
+    data = (mnt / "db").read_bytes()
+    elapsed = time.perf_counter() - t0
+    if data != VALUE.encode():
+        raise RuntimeError(f"{who} served other bytes than stored")
+    return elapsed
+
+
 def mount_to_first_read(spc: Path, mnt: Path, extra: list[str], env: dict[str, str]) -> float:
     r, w = os.pipe()
     argv = [sys.executable, "-m", "secretfs", "mount", str(spc), str(mnt), "--foreground"]
@@ -70,11 +79,7 @@ def mount_to_first_read(spc: Path, mnt: Path, extra: list[str], env: dict[str, s
             answer = pipe.readline().strip()
         if answer != b"ok":
             raise RuntimeError(f"mount failed: {answer!r}")
-        data = (mnt / "db").read_bytes()
-        elapsed = time.perf_counter() - t0
-        if data != VALUE.encode():
-            raise RuntimeError("the mount served other bytes than stored")
-        return elapsed
+        return first_read(mnt, t0, "secretfs")
     finally:
         unmount_and_stop(mnt, proc)
 
@@ -95,11 +100,7 @@ def bare_to_first_read(mnt: Path, env: dict[str, str]) -> float:
         proc.stdin.close()
         if proc.stdout.readline() != b"ready\n":
             raise RuntimeError("bench/bare_fs.py did not mount")
-        data = (mnt / "db").read_bytes()
-        elapsed = time.perf_counter() - t0
-        if data != VALUE.encode():
-            raise RuntimeError("bare_fs served other bytes")
-        return elapsed
+        return first_read(mnt, t0, "bench/bare_fs.py")
     finally:
         unmount_and_stop(mnt, proc)
 
