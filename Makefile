@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml scripts/setup-system.sh scripts/build-pyfuse3
 demo: setup
 	bash scripts/demo.sh
 
+# Two pytest-xdist workers: the suite waits on subprocesses and mounts about a quarter of the time,
+# so two workers halve it on 2 cores. Every test keeps to its own tmp_path, ports and processes.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run the whole suite N times in a row (default 20) and report every run's result: a flaky test
-# is a bug. Not part of CI (one run is ~7 min on 2 cores). Usage: scripts/repeat-tests.sh [N]
+# is a bug. Not part of CI (one run is ~5 min on 2 cores with the two workers `make test` uses).
+# Usage: scripts/repeat-tests.sh [N]; TEST_WORKERS=1 for one worker.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20}
 failed=0
 for i in $(seq "$n"); do
   start=$(date +%s)
-  out=$(.venv/bin/pytest -q -p no:cacheprovider 2>&1)
+  out=$(.venv/bin/pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" 2>&1)
   rc=$?
   summary=$(printf '%s\n' "$out" | tail -n 1)
   printf 'run %d/%d (%ds): %s\n' "$i" "$n" "$(( $(date +%s) - start ))" "$summary"

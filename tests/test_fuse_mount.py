@@ -405,8 +405,11 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
         cwd=tmp_path,
         capture_output=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # A marker only this test's daemon carries: other tests (another xdist worker) may run
+        # the same command line at the same time.
+        env={**os.environ, "PYTHONPATH": str(ROOT), "SECRETFS_TEST_MARK": str(tmp_path)},
     )
+    mark = f"SECRETFS_TEST_MARK={tmp_path}".encode()
     try:
         assert res.returncode == 0, res.stderr
         assert (tmp_path / "mnt" / "MyDatabasePassword").read_bytes() == b"bg"
@@ -414,7 +417,7 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
         pids = [
             p
             for p in os.listdir("/proc")
-            if p.isdigit() and "mount spc.yaml mnt" in _cmdline(p) and "--detach" in _cmdline(p)
+            if p.isdigit() and "--detach" in _cmdline(p) and mark in _environ(p)
         ]
         assert len(pids) == 1
         assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
@@ -428,6 +431,13 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _environ(pid: str) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def test_secret_values_never_reach_the_log(aws_env: dict[str, str], tmp_path: Path) -> None:
