@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+import httpx2
+import lightkube
+from lightkube.resources.core_v1 import Event
+from lightkube.types import PatchType
 
 from secretfs.spc import SECRET_OBJECTS
 
@@ -41,7 +43,6 @@ EVENT_INTERVAL = 60.0
 MAX_MESSAGE = 1024
 # Aggregates kept (oldest forgotten first): memory stays bounded whatever happens.
 MAX_AGGREGATES = 4096
-TIMEOUT = (5.0, 10.0)
 
 
 def ref(
@@ -54,10 +55,15 @@ def ref(
     return out
 
 
-def _create(api: client.CoreV1Api, namespace: str, body: dict[str, Any]) -> None:
-    event = client.CoreV1Event.from_dict(body)  # the client validates its model, not a dict
-    assert event is not None
-    api.create_namespaced_event(namespace, event, _request_timeout=TIMEOUT)
+def _create(api: lightkube.Client, namespace: str, body: dict[str, Any]) -> None:
+    event = Event.from_dict(body)  # the client takes its model
+    assert isinstance(event, Event)
+    api.create(event, namespace=namespace)
+
+
+def _patch(api: lightkube.Client, namespace: str, name: str, count: int, last: float) -> None:
+    patch = {"count": count, "lastTimestamp": _timestamp(last)}
+    api.patch(Event, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
 
 
 def _timestamp(wall: float) -> str:
@@ -140,19 +146,12 @@ class Recorder:
             count, last, created = agg.count, agg.last, agg.created
             namespace = agg.involved["namespace"]
             body = self._body(agg, count, last)
-        api = client.CoreV1Api(self._kube._client())
+        api = self._kube._client()
         if created:
-            patch = {"count": count, "lastTimestamp": _timestamp(last)}
             try:
-                api.patch_namespaced_event(
-                    body["metadata"]["name"],
-                    namespace,
-                    patch,
-                    _request_timeout=TIMEOUT,
-                    _content_type="application/merge-patch+json",
-                )
-            except ApiException as exc:
-                if exc.status != 404:
+                _patch(api, namespace, body["metadata"]["name"], count, last)
+            except httpx2.HTTPStatusError as exc:
+                if exc.response.status_code != 404:
                     raise
                 # Expired (the API keeps Events an hour): a new one carries on the count.
                 with self._lock:
@@ -162,16 +161,10 @@ class Recorder:
         else:
             try:
                 _create(api, namespace, body)
-            except ApiException as exc:
-                if exc.status != 409:
+            except httpx2.HTTPStatusError as exc:
+                if exc.response.status_code != 409:
                     raise
-                api.patch_namespaced_event(
-                    body["metadata"]["name"],
-                    namespace,
-                    {"count": count, "lastTimestamp": _timestamp(last)},
-                    _request_timeout=TIMEOUT,
-                    _content_type="application/merge-patch+json",
-                )
+                _patch(api, namespace, body["metadata"]["name"], count, last)
         with self._lock:
             agg.created = True
             agg.written = max(agg.written, count)

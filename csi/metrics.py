@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -120,7 +119,7 @@ announcements = Counter(
 )
 
 
-# Kubernetes API requests of this process (csi/kube.py counts every request of its client here).
+# Kubernetes API requests of this process (csi/kube.py's client transport counts each here).
 k8s_request = Counter(
     "k8s_request",
     "Kubernetes API requests, by verb, resource and HTTP status code (<error>: no answer)",
@@ -157,27 +156,11 @@ def kube_request_labels(method: str, url: str) -> tuple[str, str]:
     return verb, resource
 
 
-def count_kube_requests(api: Any) -> None:
-    """Count every request ``api`` (a kubernetes.client.ApiClient) makes: its ``call_api`` is the
-    one place all of them go through (it answers with the HTTP response, errors included)."""
-    call_api = api.call_api
-
-    def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        code = "<error>"
-        try:
-            response = call_api(method, url, *args, **kwargs)
-            code = str(getattr(response, "status", "") or "<error>")
-            return response
-        except Exception as exc:
-            status = getattr(exc, "status", None)  # ApiException
-            if status:
-                code = str(status)
-            raise
-        finally:
-            try:
-                verb, resource = kube_request_labels(method, url)
-            except Exception:
-                verb, resource = method.lower(), "unknown"
-            k8s_request.labels(verb, resource, code).inc()
-
-    api.call_api = counted
+def count_kube_request(method: str, url: str, code: str) -> None:
+    """Count one request of the process's Kubernetes client (csi/kube.py's transport calls this
+    for each request it sends): ``code`` is the HTTP status of the answer, ``<error>`` if none."""
+    try:
+        verb, resource = kube_request_labels(method, url)
+    except Exception:
+        verb, resource = method.lower(), "unknown"
+    k8s_request.labels(verb, resource, code).inc()

@@ -21,11 +21,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+import httpx2
+import lightkube
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.types import PatchType
 
 from csi import events
-from csi.kube import GROUP, VERSION, Kube
+from csi.kube import GROUP, VERSION, Kube, KubeError, http_reason, status_code
 from csi.sync import SecretSync
 from secretfs.spc import SecretObject
 
@@ -35,13 +37,13 @@ PLURAL = "secretproviderclasspodstatuses"
 KIND = "SecretProviderClassPodStatus"
 # The label upstream sets (its informers select a node's objects by it).
 NODE_LABEL = "internal.secrets-store.csi.k8s.io/node-name"
-TIMEOUT = (5.0, 10.0)
 # A failed write is tried again after 1, 2, 4 ... RETRY_MAX s, at most MAX_TRIES times.
 RETRY_MAX = 60.0
 MAX_TRIES = 20
 # At most one log line about failed writes this often (seconds).
 LOG_EVERY = 60.0
-MERGE_PATCH = "application/merge-patch+json"
+# The CRD, as a generic resource (its objects are plain dicts).
+SecretProviderClassPodStatus = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
 
 
 def status_name(pod_name: str, namespace: str, spc_name: str) -> str:
@@ -50,12 +52,13 @@ def status_name(pod_name: str, namespace: str, spc_name: str) -> str:
 
 
 def why(exc: BaseException) -> str:
-    """What is logged about a failed write: the HTTP status, or the exception's type."""
-    if isinstance(exc, ApiException):
-        if exc.status == 403:
-            return "forbidden (check the driver's RBAC)"
-        return f"HTTP {exc.status} {exc.reason or ''}".strip()
-    return type(exc).__name__
+    """What is logged about a failed write: the HTTP status, the exception's type, or (no API
+    configuration) what is missing."""
+    if isinstance(exc, KubeError):
+        return str(exc)
+    if status_code(exc) == 403:
+        return "forbidden (check the driver's RBAC)"
+    return http_reason(exc)
 
 
 class Writer:
@@ -284,18 +287,16 @@ class KubeObjects:
 
     def _write(self, namespace: str, name: str) -> None:
         """Run on the writer thread: make the API's object what this process knows now."""
-        api = client.CustomObjectsApi(self.kube._client())
+        api = self.kube._client()
         with self._lock:
             vol = self._by_name.get((namespace, name))
             body = self._body(vol) if vol is not None else None
             exists = (namespace, name) in self._exists
         if body is None:
             try:
-                api.delete_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, _request_timeout=TIMEOUT
-                )
-            except ApiException as exc:
-                if exc.status != 404:
+                api.delete(SecretProviderClassPodStatus, name, namespace=namespace)
+            except httpx2.HTTPStatusError as exc:
+                if status_code(exc) != 404:
                     raise
             with self._lock:
                 self._exists.discard((namespace, name))
@@ -303,8 +304,8 @@ class KubeObjects:
         if exists:
             try:
                 self._patch(api, namespace, name, body)
-            except ApiException as exc:
-                if exc.status != 404:
+            except httpx2.HTTPStatusError as exc:
+                if status_code(exc) != 404:
                     raise
                 self._create(api, namespace, name, body)
         else:
@@ -313,29 +314,24 @@ class KubeObjects:
             self._exists.add((namespace, name))
 
     @staticmethod
-    def _create(api: Any, namespace: str, name: str, body: dict[str, Any]) -> None:
+    def _create(api: lightkube.Client, namespace: str, name: str, body: dict[str, Any]) -> None:
         try:
-            api.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, body, _request_timeout=TIMEOUT
-            )
-        except ApiException as exc:
-            if exc.status != 409:
+            api.create(SecretProviderClassPodStatus.from_dict(body), namespace=namespace)
+        except httpx2.HTTPStatusError as exc:
+            if status_code(exc) != 409:
                 raise
             # There is one already (a StatefulSet pod of the same name, a restarted csi): as
             # upstream, it is updated.
             KubeObjects._patch(api, namespace, name, body)
 
     @staticmethod
-    def _patch(api: Any, namespace: str, name: str, body: dict[str, Any]) -> None:
-        api.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
+    def _patch(api: lightkube.Client, namespace: str, name: str, body: dict[str, Any]) -> None:
+        api.patch(
+            SecretProviderClassPodStatus,
             name,
             body,
-            _request_timeout=TIMEOUT,
-            _content_type=MERGE_PATCH,
+            namespace=namespace,
+            patch_type=PatchType.MERGE,
         )
 
     def _body(self, vol: PodVolume) -> dict[str, Any]:

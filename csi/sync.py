@@ -27,7 +27,6 @@ calls nor the status and Event writes wait for it. Messages name keys and files,
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import re
@@ -37,10 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+import httpx2
+import lightkube
+from lightkube.resources.core_v1 import Secret
 
 from csi import events
+from csi.kube import delete, status_code
 from providers.limits import quote
 from secretfs.spc import SecretObject
 
@@ -59,7 +60,6 @@ MAX_SECRET_BYTES = 1024 * 1024
 # A republish writes a Secret again when its last write is this old (seconds), as upstream's
 # controller requeues every 5 minutes.
 RESYNC = 300.0
-TIMEOUT = (5.0, 10.0)
 TRIES = 5  # attempts per write when another writer changed the Secret in between (409)
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
@@ -218,13 +218,13 @@ class SecretSync:
         except SyncError as exc:
             self._failed(live, str(exc))
             return
-        except ApiException as exc:
-            if exc.status not in (403, 422):
+        except httpx2.HTTPStatusError as exc:
+            if status_code(exc) not in (403, 422):
                 raise  # the writer tries again with backoff
             because = (
                 "forbidden: the driver's RBAC has no rights on Secrets (the chart's "
                 "syncSecret.enabled grants them)"
-                if exc.status == 403
+                if status_code(exc) == 403
                 else f"refused by the API server: {_message(exc)}"
             )
             self._failed(live, f"cannot write {what}: {because}")
@@ -278,8 +278,7 @@ class SecretSync:
         gone: set[str],
         data: dict[str, str] | None,
     ) -> None:
-        # Any: the client takes plain dicts as bodies (its stubs ask for models).
-        api: Any = client.CoreV1Api(self.kube._client())
+        api = self.kube._client()
         what = f"Secret {namespace}/{name}"
         owners = {}
         for vol, _ in live:
@@ -297,9 +296,9 @@ class SecretSync:
                     return  # gone already, and no pod here uses it
                 body = _body(namespace, name, so, data, list(owners.values()))
                 try:
-                    api.create_namespaced_secret(namespace, body, _request_timeout=TIMEOUT)
-                except ApiException as exc:
-                    if exc.status == 409:
+                    api.create(_secret(body), namespace=namespace)
+                except httpx2.HTTPStatusError as exc:
+                    if status_code(exc) == 409:
                         continue  # created meanwhile (another node): read it again
                     raise
                 log.info("secret sync: created %s", what)
@@ -324,10 +323,7 @@ class SecretSync:
             version = str(meta.get("resourceVersion") or "")
             try:
                 if not refs:
-                    options = {"preconditions": {"resourceVersion": version}}
-                    api.delete_namespaced_secret(
-                        name, namespace, body=options, _request_timeout=TIMEOUT
-                    )
+                    delete(api, Secret, name, namespace, version)
                     log.info("secret sync: deleted %s (no pod uses it any more)", what)
                     return
                 if so is not None and data is not None:
@@ -337,26 +333,29 @@ class SecretSync:
                 if _same(body, current):
                     return
                 body["metadata"]["resourceVersion"] = version
-                api.replace_namespaced_secret(name, namespace, body, _request_timeout=TIMEOUT)
+                api.replace(_secret(body))  # namespace: the body's
                 return
-            except ApiException as exc:
-                if exc.status in (404, 409):
+            except httpx2.HTTPStatusError as exc:
+                if status_code(exc) in (404, 409):
                     continue  # changed or deleted meanwhile: read it again
                 raise
         raise RuntimeError(f"{what} kept changing under {TRIES} writes")
 
 
-def _read(api: client.CoreV1Api, namespace: str, name: str) -> dict[str, Any] | None:
+def _read(api: lightkube.Client, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        rsp: Any = api.read_namespaced_secret(
-            name, namespace, _request_timeout=TIMEOUT, _preload_content=False
-        )
-    except ApiException as exc:
-        if exc.status == 404:
+        secret = api.get(Secret, name, namespace=namespace)
+    except httpx2.HTTPStatusError as exc:
+        if status_code(exc) == 404:
             return None
         raise
-    obj = json.loads(rsp.data)
-    return obj if isinstance(obj, dict) else None
+    return secret.to_dict()
+
+
+def _secret(body: dict[str, Any]) -> Secret:
+    secret = Secret.from_dict(body)  # the client takes its model
+    assert isinstance(secret, Secret)
+    return secret
 
 
 def _body(
@@ -392,8 +391,8 @@ def _same(body: dict[str, Any], current: dict[str, Any]) -> bool:
     )
 
 
-def _message(exc: ApiException) -> str:
-    try:
-        return quote(json.loads(exc.body or "{}").get("message") or exc.reason, 300)
-    except (ValueError, AttributeError):
-        return quote(exc.reason, 300)
+def _message(exc: httpx2.HTTPStatusError) -> str:
+    """The API's Status message of an error answer (its reason phrase if it sent none)."""
+    status = getattr(exc, "status", None)  # lightkube.ApiError: the Status object
+    message = getattr(status, "message", None)
+    return quote(message or exc.response.reason_phrase, 300)

@@ -40,7 +40,9 @@ THIRD_PARTY = (
     "google",
     "grpc",
     "hvac",
-    "kubernetes",
+    "lightkube",
+    "httpx2",  # lightkube's HTTP library logs every request at INFO
+    "httpcore2",
 )
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The structured fields, in the order the text format appends them. The audit fields (uid, gid,

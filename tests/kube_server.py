@@ -4,11 +4,12 @@ Serves GET of namespaced SecretProviderClasses
 (``/apis/secrets-store.csi.x-k8s.io/v1/namespaces/NS/secretproviderclasses/NAME``),
 ServiceAccounts (``/api/v1/namespaces/NS/serviceaccounts/NAME``) and Nodes
 (``/api/v1/nodes/NAME``), answering a missing object with
-a 404 ``Status`` object as the real API does, so the official ``kubernetes`` client library is
+a 404 ``Status`` object as the real API does, so the product's client library (lightkube) is
 exercised end to end. ``kubeconfig(path)`` writes a kubeconfig pointing at it (no credentials:
 the server does not authenticate). ``requests`` records every path asked for.
 
-Writes: SecretProviderClassPodStatuses (POST, GET, PATCH as a JSON merge patch, DELETE under
+Writes: SecretProviderClassPodStatuses (POST, GET, PATCH as a JSON merge patch (other patch content
+types get the API's 415), DELETE under
 ``/apis/secrets-store.csi.x-k8s.io/v1/namespaces/NS/secretproviderclasspodstatuses``) and Events
 (POST, PATCH under ``/api/v1/namespaces/NS/events``), stored in ``pod_statuses`` and ``events``;
 Secrets (POST, GET, PUT with the API's optimistic concurrency: a stale ``resourceVersion`` gets
@@ -36,6 +37,7 @@ import yaml
 GROUP = "secrets-store.csi.x-k8s.io"
 CREATED = "2026-01-01T00:00:00Z"
 PLURAL_STATUS = "secretproviderclasspodstatuses"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def _meta(namespace: str, name: str, **extra: Any) -> dict[str, Any]:
@@ -118,11 +120,21 @@ class KubeServer:
     # --- HTTP ---
 
     def answer(
-        self, path: str, method: str = "GET", body: Any = None
+        self, path: str, method: str = "GET", body: Any = None, content_type: str = ""
     ) -> tuple[int, dict[str, Any]]:
         self.requests.append(path)
         if self.fail_with is not None:
             return self.fail_with, _status(self.fail_with, "InternalError", "injected failure")
+        if method == "PATCH" and content_type.split(";")[0].strip() != MERGE_PATCH:
+            # As the API server answers a strategic merge patch of a custom resource; here every
+            # patch type but the merge patch, the one this server implements.
+            accepted = f"application/json-patch+json, {MERGE_PATCH}, application/apply-patch+yaml"
+            return 415, _status(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types "
+                f"include: {accepted}",
+            )
         parts = path.split("?", 1)[0].strip("/").split("/")
         if method != "GET" or _collection(parts) is not None:
             with self._lock:
@@ -282,7 +294,8 @@ def _handler(api: KubeServer) -> type[BaseHTTPRequestHandler]:
             self._reply(*api.answer(self.path, "POST", self._body()))
 
         def do_PATCH(self) -> None:
-            self._reply(*api.answer(self.path, "PATCH", self._body()))
+            content_type = self.headers.get("Content-Type") or ""
+            self._reply(*api.answer(self.path, "PATCH", self._body(), content_type))
 
         def do_PUT(self) -> None:
             self._reply(*api.answer(self.path, "PUT", self._body()))
