@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import boto3
+import botocore.loaders
 import pytest
 import yaml
 from botocore.config import Config
@@ -559,6 +560,41 @@ def test_endpoint_data_keeps_only_the_services_it_calls(aws_env: dict[str, str])
     # What only endpoints.json knows still answers: a region's partition and hostname.
     cli = p._clients.client("sts", "cn-north-1", None, unsigned=True)
     assert cli.meta.partition == "aws-cn"
+
+
+def test_service_models_keep_only_the_operations_it_calls(aws_env: dict[str, str]) -> None:
+    """Each service model is pruned to the provider's operations and the shapes they reach (SSM's
+    model is 3.8 MiB decoded otherwise); the clients still call, parse and map errors."""
+    from providers.aws import auth
+
+    p = AwsProvider()
+    ssm = client(aws_env, "ssm")
+    ssm.put_parameter(Name="/pruned/p", Value="param-value", Type="SecureString")
+    got = mount(
+        p,
+        {
+            "objects": objects(
+                {"objectName": "/pruned/p", "objectType": "ssmparameter", "objectAlias": "p"}
+            )
+        },
+    )
+    assert got == {"p": b"param-value"}
+    # An error answer still maps to its code (the error shapes of the operation are kept).
+    missing = mount(p, {"objects": objects({"objectName": "nope", "objectType": "secretsmanager"})})
+    err = missing["nope"]
+    assert isinstance(err, FetchError) and err.code == "NotFound", err
+    for service, wanted in auth.OPERATIONS.items():
+        cli = p._clients.client(service, "us-east-1", None, unsigned=service == "sts")
+        model = cli.meta.service_model
+        assert set(model.operation_names) == wanted, service
+        for op in wanted:
+            assert model.operation_model(op).input_shape is not None
+        # Most shapes are gone (those the kept operations reach stay), and all documentation.
+        full = botocore.loaders.Loader().load_service_model(service, "service-2")
+        assert len(model.shape_names) < len(full["shapes"]) / 2, service
+        assert "'documentation'" not in repr(model._service_description), service
+    sm = p._clients.client("secretsmanager", "us-east-1", None)
+    assert hasattr(sm, "get_secret_value") and not hasattr(sm, "list_secrets")
 
 
 def test_secret_by_arn(aws_env: dict[str, str]) -> None:
