@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-wheel lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,15 @@ demo: setup
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	SECRETFS_WHEELHOUSE=$(CURDIR)/build/pyfuse3 $(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# The same suite against the built sdist and wheel installed in a fresh venv of WHEEL_PYTHON
+# (scripts/test-wheel.sh; CI runs it on Python 3.13). Needs no `make setup`, only the system part.
+WHEEL_PYTHON ?= python3
+
+test-wheel:
+	bash scripts/setup-system.sh
+	bash scripts/test-wheel.sh $(WHEEL_PYTHON) -n $(TEST_WORKERS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
+# scripts/test-wheel.sh runs this suite from an unpacked sdist whose three packages it deleted, so
+# that every import finds the installed wheel. Tests about the sources themselves (regenerating
+# stubs, building the sdist) skip there; CI runs them in the checkout.
+HAS_SOURCES = (ROOT / "secretfs" / "__init__.py").is_file()
+needs_sources = pytest.mark.skipif(
+    not HAS_SOURCES, reason="suite running against an installed wheel: no sources here"
+)
 
 
 def fuse_available() -> str | None:

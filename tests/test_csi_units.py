@@ -21,7 +21,7 @@ from csi.pb import csi_pb2
 from csi.server import CsiError, redact
 from secretfs import control
 from tests.kube_server import KubeServer, kube_api  # noqa: F401
-from tests.mounting import ROOT
+from tests.mounting import ROOT, needs_sources
 
 
 def _strip_json_names(msg: descriptor_pb2.DescriptorProto) -> None:
@@ -31,6 +31,7 @@ def _strip_json_names(msg: descriptor_pb2.DescriptorProto) -> None:
         _strip_json_names(nested)
 
 
+@needs_sources
 def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
     # What the .proto describes is exactly what the committed stubs serve (any tool version).
     out = tmp_path / "set.pb"

@@ -4,6 +4,7 @@ carries everything its own test suite and front-door commands need (and whose te
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,12 @@ from pathlib import Path
 import pytest
 
 import secretfs
-from tests.mounting import ROOT
+from tests.mounting import ROOT, is_mounted, needs_fuse, needs_sources, wait_for
 
 DIST = "secretfs-csi"
+# Where the three packages are imported from: the checkout, or the installed wheel
+# (scripts/test-wheel.sh), whose code the import checks then read.
+CODE = Path(secretfs.__file__).resolve().parents[1]
 
 
 def test_one_version_everywhere() -> None:
@@ -50,6 +54,7 @@ def _tracked() -> list[str] | None:
     return out.stdout.split() if out.returncode == 0 else None
 
 
+@needs_sources
 def test_sdist_has_every_tracked_file_and_the_licence(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
@@ -71,6 +76,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build("wheel", tmp_path_factory.mktemp("wheel"))
 
 
+@needs_sources
 def test_wheel_metadata_and_contents(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -88,6 +94,7 @@ def test_wheel_metadata_and_contents(wheel: Path) -> None:
                 assert str(path.relative_to(ROOT)) in names, f"{path} is not in the wheel"
 
 
+@needs_sources
 def test_the_installed_wheel_runs_on_its_own(wheel: Path, tmp_path: Path) -> None:
     """The wheel's files, not this checkout's, serve `secretfs --version`, `check` and the
     imports of every command (the dependencies come from this venv)."""
@@ -141,6 +148,78 @@ def test_the_installed_wheel_runs_on_its_own(wheel: Path, tmp_path: Path) -> Non
     assert "provider aws, 1 file(s)" in out
 
 
+def _site_packages_mib(venv: Path) -> float:
+    """Site-packages of ``venv`` less pip and setuptools, as bench/install_footprint.sh counts."""
+    (site,) = venv.glob("lib/python3*/site-packages")
+    tools = {"pip", "setuptools", "pkg_resources", "_distutils_hack"}
+    total = sum(
+        f.stat().st_size
+        for f in site.rglob("*")
+        if f.is_file() and not f.is_symlink() and f.relative_to(site).parts[0] not in tools
+    )
+    return total / 2**20
+
+
+@needs_sources
+@needs_fuse
+@pytest.mark.slow
+def test_a_fresh_aws_install_is_small_and_mounts(
+    wheel: Path, tmp_path: Path, aws_env: dict[str, str]
+) -> None:
+    """What a standalone AWS user installs, in a fresh venv: the bare wheel names the extra to
+    add; with ``[aws]`` it is at most 80 MiB of site-packages and mounts the seed example. pyfuse3
+    comes from SECRETFS_WHEELHOUSE (secretfs's build, which `make test` points at), the rest from
+    the package index."""
+    house = os.environ.get("SECRETFS_WHEELHOUSE")
+    if not house or not list(Path(house).glob("pyfuse3-*.whl")):
+        pytest.skip("SECRETFS_WHEELHOUSE names no folder with a pyfuse3 wheel (make test sets it)")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip += ["--find-links", house]
+    subprocess.run([*pip, str(wheel)], check=True, capture_output=True, timeout=600)
+    work = tmp_path / "work"
+    (work / "mnt").mkdir(parents=True)
+    shutil.copy(ROOT / "examples/aws-seed.yaml", work)
+    # Nothing of this checkout on the path: the venv's own files serve every command.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    secretfs_cmd = str(venv / "bin/secretfs")
+
+    bare = subprocess.run(
+        [secretfs_cmd, "check", "aws-seed.yaml"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bare.returncode == 1, bare.stderr
+    assert "install the aws extra: pip install 'secretfs-csi[aws]'" in bare.stderr
+    assert "Traceback" not in bare.stderr
+
+    subprocess.run([*pip, f"{wheel}[aws]"], check=True, capture_output=True, timeout=600)
+    size = _site_packages_mib(venv)
+    assert size <= 80, f"[aws] is {size:.1f} MiB of site-packages"
+    boto3 = pytest.importorskip("boto3")
+    sm = boto3.client("secretsmanager", endpoint_url=aws_env["endpoint_url"])
+    sm.create_secret(Name="MyDatabasePassword", SecretString="fresh-venv")
+    done = subprocess.run(
+        [secretfs_cmd, "mount", "aws-seed.yaml", "mnt", "--log-level", "WARNING"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert done.returncode == 0, done.stderr
+        assert (work / "mnt/MyDatabasePassword").read_bytes() == b"fresh-venv"
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(work / "mnt")], check=False)
+    assert wait_for(lambda: not is_mounted(work / "mnt"))
+
+
+@needs_sources
 def test_the_sdists_own_tests_run(sdist: Path, tmp_path: Path) -> None:
     """An unpacked sdist runs its tests (a fast, FUSE-free part) against its own sources."""
     with tarfile.open(sdist) as tar:
@@ -180,7 +259,7 @@ def _imports(package: str) -> dict[str, set[str]]:
     import ast
 
     out = {}
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in sorted((CODE / package).rglob("*.py")):
         if "/gen/" in str(path):
             continue
         tops = set()
@@ -189,7 +268,7 @@ def _imports(package: str) -> dict[str, set[str]]:
                 tops |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 tops.add(node.module.split(".")[0])
-        out[str(path.relative_to(ROOT))] = tops
+        out[str(path.relative_to(CODE))] = tops
     return out
 
 
@@ -210,7 +289,7 @@ def test_dependency_arrows_go_one_way() -> None:
 
 
 def _lines(path: str) -> list[str]:
-    return [ln for ln in (ROOT / path).read_text().splitlines() if "import" in ln]
+    return [ln for ln in (CODE / path).read_text().splitlines() if "import" in ln]
 
 
 def _without(module: str, *argv: str) -> subprocess.CompletedProcess[str]:

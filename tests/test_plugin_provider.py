@@ -44,7 +44,15 @@ from secretfs.volumes import VolumeError, Volumes
 from tests.csi_node import CsiNode
 from tests.csi_node import Pod as CsiPod
 from tests.kube_server import KubeServer, kube_api  # noqa: F401
-from tests.mounting import ROOT, MountFailed, is_mounted, mounted, needs_fuse, wait_for
+from tests.mounting import (
+    ROOT,
+    MountFailed,
+    is_mounted,
+    mounted,
+    needs_fuse,
+    needs_sources,
+    wait_for,
+)
 from tests.plugin_server import MockProvider, serve_mock, serving
 
 NAME = "e2e-provider"
@@ -108,6 +116,7 @@ def _strip_json_names(msg: descriptor_pb2.DescriptorProto) -> None:
         f.ClearField("json_name")
 
 
+@needs_sources
 def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
     # What upstream's .proto describes is exactly what the committed stubs speak.
     out = tmp_path / "set.pb"
@@ -151,6 +160,7 @@ def test_wire_names_and_field_numbers_are_upstreams() -> None:
     assert fields == {"path": 1, "mode": 2, "contents": 3}
 
 
+@needs_sources
 def test_the_license_header_of_the_proto_is_kept() -> None:
     text = (ROOT / "providers/plugin/proto/provider/v1alpha1/service.proto").read_text()
     assert "Copyright 2020 The Kubernetes Authors." in text
