@@ -15,6 +15,10 @@ for i in $(seq "$n"); do
   if [ "$rc" -ne 0 ]; then
     failed=$((failed + 1))
     printf '%s\n' "$out" | grep -E '^(FAILED|ERROR)' | sed 's/^/    /'
+    # The whole output of a failed run, to find the race (build/ is not tracked).
+    mkdir -p build/repeat
+    printf '%s\n' "$out" > "build/repeat/run-$i.log"
+    echo "    full output: build/repeat/run-$i.log"
   fi
 done
 echo "$failed of $n runs failed"
