@@ -13,7 +13,7 @@ fresh processes:
 Prints VmRSS and VmLck of the daemon (and VmRSS of csi) at start, with every volume mounted, and
 after every volume is gone. Needs root and /dev/fuse.
 
-    sudo .venv/bin/python bench/daemon_memory.py [--volumes 1000] [--no-lock]
+    sudo .venv/bin/python bench/daemon_memory.py [--volumes 1000] [--no-lock] [--identities one]
 """
 
 from __future__ import annotations
@@ -98,6 +98,12 @@ def main() -> int:
     ap.add_argument("--volumes", type=int, default=1000)
     ap.add_argument("--no-lock", action="store_true", help="run the daemon with --no-mlock")
     ap.add_argument("--rounds", type=int, default=2, help="publish/unpublish rounds (2)")
+    ap.add_argument(
+        "--identities",
+        choices=("both", "one", "distinct"),
+        default="both",
+        help="which case to run: one service account for every pod, one each, or both (default)",
+    )
     args = ap.parse_args()
     if needs_root():
         return 2
@@ -113,7 +119,8 @@ def main() -> int:
             for i in range(args.volumes):
                 sa = f"sa-{r}-{i}"
                 kube.add_service_account("default", sa, {ROLE_ANNOTATION: role_arn(sa)})
-        for distinct in (False, True):
+        cases = {"both": (False, True), "one": (False,), "distinct": (True,)}[args.identities]
+        for distinct in cases:
             case = env.tmp / ("distinct" if distinct else "one")
             case.mkdir()
             results[distinct] = run_case(

@@ -5,6 +5,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20}
+# As `make test` runs it: the fresh-venv install test takes pyfuse3 from secretfs's build.
+export SECRETFS_WHEELHOUSE=${SECRETFS_WHEELHOUSE:-$PWD/build/pyfuse3}
 failed=0
 for i in $(seq "$n"); do
   start=$(date +%s)

@@ -20,6 +20,7 @@ service models in memory; per-identity credentials are passed to ``Session.creat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -135,6 +136,29 @@ def _prune_model(model: dict[str, Any], keep: frozenset[str]) -> None:
             stack += node
 
 
+def _lean_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of botocore's data as a plain dict (botocore decodes into OrderedDict, about
+    twice the size), without documentation strings, and, for the endpoint data's per-partition
+    service tables (many entries, each with its "endpoints"), only SERVICES. Decoding drops them
+    as it goes, so the whole file is never held decoded at once: the daemon locks its memory, and
+    every page such a peak touches stays resident (8.1 -> 4.4 MiB peak, tracemalloc, the three
+    clients' data)."""
+    if len(pairs) > 20 and all(isinstance(v, dict) and "endpoints" in v for _, v in pairs):
+        return {k: v for k, v in pairs if k in SERVICES}
+    return {k: v for k, v in pairs if not (k == "documentation" and isinstance(v, str))}
+
+
+class _FileLoader(botocore.loaders.JSONFileLoader):
+    """botocore's JSON file loader, decoding with ``_lean_pairs``."""
+
+    def _load_file(self, full_path: str, open_method: Any) -> Any:
+        if not os.path.isfile(full_path):
+            return None
+        with open_method(full_path, "rb") as fp:
+            payload = fp.read().decode("utf-8")
+        return json.loads(payload, object_pairs_hook=_lean_pairs)
+
+
 class _Loader(botocore.loaders.Loader):
     """botocore's data loader, keeping only SERVICES of the endpoint data it loads and only the
     OPERATIONS of their service models (a client of a pruned model has only those methods)."""
@@ -168,7 +192,9 @@ def _session() -> botocore.session.Session:
         if paths
         else []
     )
-    session.register_component("data_loader", _Loader(extra_search_paths=extra))
+    session.register_component(
+        "data_loader", _Loader(extra_search_paths=extra, file_loader=_FileLoader())
+    )
     return session
 
 
