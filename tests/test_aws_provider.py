@@ -554,6 +554,8 @@ def test_endpoint_data_keeps_only_the_services_it_calls(aws_env: dict[str, str])
     endpoints = session.get_component("data_loader").load_data("endpoints")
     partitions = endpoints["partitions"]
     assert {pt["partition"] for pt in partitions} >= {"aws", "aws-cn", "aws-us-gov"}
+    # Decoded by the provider's file loader: plain dicts (botocore's own makes OrderedDicts).
+    assert type(endpoints) is dict and all(type(pt["services"]) is dict for pt in partitions)
     for pt in partitions:
         assert set(pt["services"]) <= auth.SERVICES, pt["partition"]
     assert "secretsmanager" in next(pt for pt in partitions if pt["partition"] == "aws")["services"]
