@@ -327,6 +327,31 @@ async def test_identity_is_part_of_the_cache_key(fake: FakeProvider) -> None:
         n.cancel_scope.cancel()
 
 
+async def test_volumes_of_one_class_share_a_files_rendering(fake: FakeProvider) -> None:
+    """Pods of one class and identity hold one rendering of a file's version, not one each; a
+    class with another FileSpec for the same value renders its own; a change reaches all."""
+    async with trio.open_nursery() as n:
+        vols = Volumes(ttl=10, max_stale=100)
+        vols.start(n)
+        fake.set("db", b"first")
+        plan = fake.parse({"objects": "- name: db\n"})
+        other = fake.parse({"objects": "- name: db\n  path: renamed\n"})
+        await vols.add("a", plan, AMBIENT, uid=0, gid=0)
+        await vols.add("b", plan, AMBIENT, uid=0, gid=0)
+        await vols.add("c", other, AMBIENT, uid=0, gid=0)
+        ino = {"a": vols.volumes["a"].inodes["db"], "b": vols.volumes["b"].inodes["db"]}
+        ino["c"] = vols.volumes["c"].inodes["renamed"]
+        got = {v: await vols.content(i) for v, i in ino.items()}
+        assert got["a"] is got["b"]
+        assert got["c"] is not got["a"] and got["a"].data == got["c"].data == b"first"
+        fake.set("db", b"second")
+        await vols.reload("a")
+        now = {v: await vols.content(i) for v, i in ino.items()}
+        assert now["a"] is now["b"] and now["a"].version != got["a"].version
+        assert {r.data for r in now.values()} == {b"second"}
+        n.cancel_scope.cancel()
+
+
 async def test_dynamic_sources_belong_to_one_volume(fake: FakeProvider) -> None:
     async with trio.open_nursery() as n:
         vols = Volumes(ttl=10, max_stale=100)
