@@ -102,7 +102,7 @@ SERVICES = frozenset(OPERATIONS)
 
 def _prune_model(model: dict[str, Any], keep: frozenset[str]) -> None:
     """Keep, in place, only the operations ``keep`` of a service model and the shapes they reach
-    (inputs, outputs, errors, their members); drop the documentation strings."""
+    (inputs, outputs, errors, their members). Documentation is already gone (``_lean_pairs``)."""
     operations = model.get("operations")
     shapes = model.get("shapes")
     if not isinstance(operations, dict) or not isinstance(shapes, dict):
@@ -126,14 +126,6 @@ def _prune_model(model: dict[str, Any], keep: frozenset[str]) -> None:
         todo += [r["shape"] for r in refs if isinstance(r, dict) and "shape" in r]
     model["operations"] = ops
     model["shapes"] = {name: shapes[name] for name in reached}
-    stack: list[Any] = [model]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            node.pop("documentation", None)
-            stack += node.values()
-        elif isinstance(node, list):
-            stack += node
 
 
 def _lean_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
