@@ -23,13 +23,14 @@ Consistency rules (see docs/INTERNALS.md for the why):
   docs/INTERNALS.md "No-open reads"): the first OPEN is answered ENOSYS, after which the kernel
   sends no OPEN or RELEASE on the connection and warm reads come from the page cache without the
   daemon. A READ (file handle 0, so pyfuse3 passes the inode) is answered from the version whose
-  size and mtime the kernel was last told (``served``), so the bytes always match the size the
-  kernel clips at. A change invalidates the attributes only; the kernel (FUSE_AUTO_INVAL_DATA)
-  re-reads them at the next read, sees the new mtime or size and drops the pages itself, in the
-  reader's context. The guarantee is one version per READ (a file of up to 128 KiB read with one
-  ``read`` of its size), not per open: a reader reading a bigger file in small pieces while it
-  changes can get the old version's start and the new one's end, and so, rarely, can a read that
-  overlaps the moment the kernel learns of a change (docs/INTERNALS.md).
+  size and mtime the kernel was last told (``served``), so the bytes match the size the kernel
+  clips at (but for a moment around a change). A change invalidates the attributes only; the
+  kernel (FUSE_AUTO_INVAL_DATA) re-reads them at the next read, sees the new mtime or size and
+  drops the pages itself, in the reader's context. The guarantee is one version per READ (a
+  file of up to 128 KiB read with one ``read`` of its size), not per open: a reader reading a
+  bigger file in small pieces while it changes can get the old version's start and the new
+  one's end, and so, rarely, can a read that overlaps the moment the kernel learns of a change
+  (docs/INTERNALS.md).
 - Every write-ish request fails with EROFS. No handler lets anything but FUSEError escape: one
   stray exception would end ``pyfuse3.main`` and leave every mount dead.
 """
