@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -37,6 +38,17 @@ from secretfs import fusewire
 class TakeoverError(Exception):
     """The connection could not be taken over; the connection and the keeper's state are as
     they were."""
+
+
+def _wait_all_tasks_blocked() -> Callable[[], Awaitable[None]]:
+    """trio's ``wait_all_tasks_blocked``, without importing ``trio.testing``: that package costs
+    ~1 MiB resident, and 4 where pytest is installed (it imports pytest), in every daemon of a
+    node (each attaches). It is trio's own function either way (the same object)."""
+    try:
+        from trio._core._run import wait_all_tasks_blocked
+    except ImportError:  # another trio layout: the public, heavier import
+        from trio.testing import wait_all_tasks_blocked
+    return wait_all_tasks_blocked
 
 
 async def take_over(
@@ -74,9 +86,7 @@ async def take_over(
                     await pyfuse3.main()
                     done.set()
 
-                # Here, not at the top: trio.testing costs ~1 MiB resident (with pytest around,
-                # 4), and only an attaching daemon needs it.
-                from trio.testing import wait_all_tasks_blocked
+                wait_all_tasks_blocked = _wait_all_tasks_blocked()
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(run_main)

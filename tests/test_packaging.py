@@ -330,3 +330,22 @@ def test_every_extra_is_declared_and_all_has_them() -> None:
     assert extras["all"] == [f"{DIST}[aws,vault,azure,gcp,plugin,csi]"]
     core = {d.split(">")[0].split("=")[0].lower() for d in project["dependencies"]}
     assert not core & {"boto3", "hvac", "kubernetes", "grpcio", "azure-identity"}
+
+
+def test_an_attaching_daemon_does_not_import_trio_testing() -> None:
+    """Every daemon of a CSI node attaches to the keeper's connection, which waits for trio's
+    tasks to block; taking that wait from ``trio.testing`` cost ~1 MiB resident in each daemon,
+    and imported pytest (4 MiB) wherever it is installed."""
+    code = (
+        "import sys, trio\n"
+        "from secretfs.takeover import _wait_all_tasks_blocked\n"
+        "wait = _wait_all_tasks_blocked()\n"
+        "trio.run(wait)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')"
+        " or m.startswith('trio.testing')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
