@@ -297,8 +297,8 @@ def test_csi_daemonset_registration_and_propagation(root: str) -> None:
     csi = container(ds, "csi")
     assert csi["securityContext"]["privileged"] is True
     args = csi["args"]
-    assert args[0] == "csi"
-    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert args[0] == "csi" and args[-1] == "--lock-memory"  # the one switch, csi.lockMemory
+    flags = dict(zip(args[1:-1:2], args[2:-1:2], strict=True))
     assert flags == {
         "--endpoint": "unix:///csi/csi.sock",
         "--nodeid": "$(KUBE_NODE_NAME)",
@@ -635,6 +635,11 @@ def test_rbac_is_minimal() -> None:
     containers = one(synced, "DaemonSet", "-csi")["spec"]["template"]["spec"]["containers"]
     csi = next(c for c in containers if c["name"] == "csi")
     assert "--sync-secrets" in csi["args"]
+    # csi locks its memory (it holds pod tokens) unless told not to.
+    assert "--lock-memory" in next(c for c in csi_args if c["name"] == "csi")["args"]
+    unlocked = render({"csi": {"lockMemory": False}})
+    containers = one(unlocked, "DaemonSet", "-csi")["spec"]["template"]["spec"]["containers"]
+    assert "--lock-memory" not in next(c for c in containers if c["name"] == "csi")["args"]
     assert by_kind(render({"rbac": {"create": False}}), "ClusterRole") == []
     # Users keep the SecretProviderClass rights upstream aggregated into admin/edit/view.
     admin = one(objs, "ClusterRole", "-secretproviderclasses-admin")
