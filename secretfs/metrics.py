@@ -13,6 +13,12 @@ Three kinds, so that the FUSE open path pays nothing it did not pay before:
 Everything lives in this module's own registry (not prometheus-client's global one), served by
 prometheus-client's HTTP server in its own thread. Labels carry provider names, error classes and
 codes (FetchError.code: short fixed reasons), never object names, secret bytes or tokens.
+
+The registry and its families are made by the first :func:`serve` given an address; until then
+(``--metrics-addr`` off: most standalone mounts) nothing is recorded, since nothing could read it,
+and prometheus-client is not imported: it and its HTTP server are 28 of the 435 modules a
+standalone AWS mount loads and ~6% of its instructions to the mount (bench/startup.py's mount
+under callgrind; tests/test_startup_imports.py).
 """
 
 from __future__ import annotations
@@ -26,21 +32,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    start_http_server,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from providers.base import Fetched, FetchError
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from secretfs.volumes import Volumes
 
 log = logging.getLogger(__name__)
@@ -53,57 +50,77 @@ PERMANENT = "permanent"
 OK = "ok"
 CANCELLED = "cancelled"
 
-REGISTRY = CollectorRegistry(auto_describe=False)
-for _c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-    # The standard process_*/python_* families, in this registry too.
-    REGISTRY.register(_c)
 
-provider_calls = Counter(
-    "secretfs_provider_calls",
-    "Provider fetch calls (one call fetches a volume's due objects), by outcome",
-    ["provider", "outcome"],
-    registry=REGISTRY,
-)
-provider_call_duration = Histogram(
-    "secretfs_provider_call_duration_seconds",
-    "Latency of provider fetch calls (worker thread, limiter wait included), by outcome",
-    ["provider", "outcome"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-    registry=REGISTRY,
-)
-refreshes = Counter(
-    "secretfs_refreshes",
-    "Values fetched again by the cache after the publish (past their TTL, or reloaded on demand)",
-    ["provider"],
-    registry=REGISTRY,
-)
-refresh_errors = Counter(
-    "secretfs_refresh_errors",
-    "Values whose refresh failed, by error class (transient: served stale until max-stale; "
-    "permanent: dropped at once)",
-    ["provider", "error_class"],
-    registry=REGISTRY,
-)
-# Upstream's names (secrets-store-csi-driver v1.6, see the README for where the meaning differs).
-rotation_reconcile = Counter(
-    "rotation_reconcile",
-    "Refreshes (one provider call for a volume's due values) that succeeded",
-    ["provider", "os_type", "rotated"],
-    registry=REGISTRY,
-)
-rotation_reconcile_error = Counter(
-    "rotation_reconcile_error",
-    "Refreshes in which at least one value failed",
-    ["provider", "error_type", "os_type", "rotated"],
-    registry=REGISTRY,
-)
-rotation_reconcile_duration = Histogram(
-    "rotation_reconcile_duration_sec",
-    "Duration of refreshes in seconds",
-    ["os_type"],
-    buckets=tuple(0.1 * 2**i for i in range(12)),
-    registry=REGISTRY,
-)
+class Families:
+    """This module's registry and the families recorded into it (made by :func:`serve`)."""
+
+    def __init__(self) -> None:
+        # Imported here, not with this module: see the module's docstring.
+        from prometheus_client import (
+            GC_COLLECTOR,
+            PLATFORM_COLLECTOR,
+            PROCESS_COLLECTOR,
+            CollectorRegistry,
+            Counter,
+            Histogram,
+        )
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            # The standard process_*/python_* families, in this registry too.
+            self.registry.register(c)
+        self.provider_calls = Counter(
+            "secretfs_provider_calls",
+            "Provider fetch calls (one call fetches a volume's due objects), by outcome",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.provider_call_duration = Histogram(
+            "secretfs_provider_call_duration_seconds",
+            "Latency of provider fetch calls (worker thread, limiter wait included), by outcome",
+            ["provider", "outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.refreshes = Counter(
+            "secretfs_refreshes",
+            "Values fetched again by the cache after the publish (past their TTL, or reloaded on "
+            "demand)",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.refresh_errors = Counter(
+            "secretfs_refresh_errors",
+            "Values whose refresh failed, by error class (transient: served stale until "
+            "max-stale; permanent: dropped at once)",
+            ["provider", "error_class"],
+            registry=self.registry,
+        )
+        # Upstream's names (secrets-store-csi-driver v1.6, see the README for where the meaning
+        # differs).
+        self.rotation_reconcile = Counter(
+            "rotation_reconcile",
+            "Refreshes (one provider call for a volume's due values) that succeeded",
+            ["provider", "os_type", "rotated"],
+            registry=self.registry,
+        )
+        self.rotation_reconcile_error = Counter(
+            "rotation_reconcile_error",
+            "Refreshes in which at least one value failed",
+            ["provider", "error_type", "os_type", "rotated"],
+            registry=self.registry,
+        )
+        self.rotation_reconcile_duration = Histogram(
+            "rotation_reconcile_duration_sec",
+            "Duration of refreshes in seconds",
+            ["os_type"],
+            buckets=tuple(0.1 * 2**i for i in range(12)),
+            registry=self.registry,
+        )
+
+
+# None until the first serve() with an address; then kept for the process's life.
+_families: Families | None = None
 
 
 def error_class(exc: BaseException) -> str:
@@ -120,6 +137,9 @@ def provider_of(key: Hashable) -> str:
 def provider_call(provider: str, seconds: float, outcome: object) -> None:
     """A provider fetch call ended (``Volumes._fetch``): ``outcome`` is its results (a mapping,
     whose values may be FetchErrors) or the exception it raised."""
+    families = _families
+    if families is None:
+        return  # no /metrics: nothing could read it
     if isinstance(outcome, Mapping):
         errors = [r for r in outcome.values() if isinstance(r, FetchError)]
         if not errors:
@@ -130,8 +150,8 @@ def provider_call(provider: str, seconds: float, outcome: object) -> None:
         label = error_class(outcome)
     else:  # trio.Cancelled, KeyboardInterrupt
         label = CANCELLED
-    provider_calls.labels(provider, label).inc()
-    provider_call_duration.labels(provider, label).observe(seconds)
+    families.provider_calls.labels(provider, label).inc()
+    families.provider_call_duration.labels(provider, label).observe(seconds)
 
 
 BatchLoader = Callable[[Sequence[Hashable]], Awaitable[Mapping[Hashable, "Fetched | FetchError"]]]
@@ -164,7 +184,8 @@ def _refreshed(
     failure: BaseException | None,
     seen: Mapping[Hashable, tuple[str, bytes]],
 ) -> None:
-    if not keys:
+    families = _families
+    if not keys or families is None:
         return
     provider = provider_of(keys[0])
     rotated = False
@@ -178,16 +199,16 @@ def _refreshed(
             continue
         if result is None:
             result = FetchError("?", "the provider returned nothing", transient=True)
-        refresh_errors.labels(provider, error_class(result)).inc()
+        families.refresh_errors.labels(provider, error_class(result)).inc()
         first = first or result
-    refreshes.labels(provider).inc(len(keys))
+    families.refreshes.labels(provider).inc(len(keys))
     flag = "true" if rotated else "false"
     if first is None:
-        rotation_reconcile.labels(provider, OS_TYPE, flag).inc()
+        families.rotation_reconcile.labels(provider, OS_TYPE, flag).inc()
     else:
         code = first.code if isinstance(first, FetchError) else "ProviderError"
-        rotation_reconcile_error.labels(provider, code, OS_TYPE, flag).inc()
-    rotation_reconcile_duration.labels(OS_TYPE).observe(seconds)
+        families.rotation_reconcile_error.labels(provider, code, OS_TYPE, flag).inc()
+    families.rotation_reconcile_duration.labels(OS_TYPE).observe(seconds)
 
 
 # --- read at scrape time ----------------------------------------------------------------------
@@ -227,14 +248,17 @@ def snapshot(volumes: Volumes) -> Snapshot:
     return snap
 
 
-class DaemonCollector(Collector):
-    """The scrape-time families: one hop to the trio thread per scrape."""
+class DaemonCollector:
+    """The scrape-time families: one hop to the trio thread per scrape. A prometheus-client
+    ``Collector`` (a protocol: no base class, so that this module imports no prometheus-client)."""
 
     def __init__(self, volumes: Volumes, token: trio.lowlevel.TrioToken) -> None:
         self.volumes = volumes
         self.token = token
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         try:
             snap = trio.from_thread.run_sync(snapshot, self.volumes, trio_token=self.token)
         except (trio.RunFinishedError, trio.Cancelled):
@@ -299,14 +323,19 @@ def serve(addr: str, volumes: Volumes) -> bool:
     ignored: metrics are never worth an outage of the secrets."""
     if not addr:
         return False
-    global _collector
+    from prometheus_client import start_http_server
+
+    global _collector, _families
+    if _families is None:
+        _families = Families()
+    registry = _families.registry
     host, _, port = addr.rpartition(":")
     if _collector is not None:  # an earlier run in this process (tests)
-        REGISTRY.unregister(_collector)
+        registry.unregister(_collector)
     _collector = DaemonCollector(volumes, trio.lowlevel.current_trio_token())
-    REGISTRY.register(_collector)
+    registry.register(_collector)
     try:
-        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)
+        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
     except (OSError, ValueError) as exc:
         log.error("metrics: cannot serve on %r (%s); running without metrics", addr, exc)
         return False

@@ -35,7 +35,12 @@ import botocore.loaders
 import botocore.session
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, MetadataRetrievalError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    DataNotFoundError,
+    MetadataRetrievalError,
+)
 from botocore.httpsession import URLLib3Session
 from botocore.utils import ContainerMetadataFetcher
 from cachetools import LRUCache
@@ -102,7 +107,7 @@ SERVICES = frozenset(OPERATIONS)
 
 def _prune_model(model: dict[str, Any], keep: frozenset[str]) -> None:
     """Keep, in place, only the operations ``keep`` of a service model and the shapes they reach
-    (inputs, outputs, errors, their members). Documentation is already gone (``_lean_pairs``)."""
+    (inputs, outputs, errors, their members). Documentation is already gone (``_lean``)."""
     operations = model.get("operations")
     shapes = model.get("shapes")
     if not isinstance(operations, dict) or not isinstance(shapes, dict):
@@ -128,32 +133,36 @@ def _prune_model(model: dict[str, Any], keep: frozenset[str]) -> None:
     model["shapes"] = {name: shapes[name] for name in reached}
 
 
-def _lean_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _lean(obj: dict[str, Any]) -> dict[str, Any]:
     """A JSON object of botocore's data as a plain dict (botocore decodes into OrderedDict, about
     twice the size), without documentation strings, and, for the endpoint data's per-partition
     service tables (many entries, each with its "endpoints"), only SERVICES. Decoding drops them
     as it goes, so the whole file is never held decoded at once: the daemon locks its memory, and
     every page such a peak touches stays resident (8.1 -> 4.4 MiB peak, tracemalloc, the three
-    clients' data)."""
-    if len(pairs) > 20 and all(isinstance(v, dict) and "endpoints" in v for _, v in pairs):
-        return {k: v for k, v in pairs if k in SERVICES}
-    return {k: v for k, v in pairs if not (k == "documentation" and isinstance(v, str))}
+    clients' data). An ``object_hook`` that edits the dict the decoder built costs less CPU than
+    building a new one from its pairs (endpoints.json 35 -> 32 ms, SSM's model 21 -> 12 ms)."""
+    if len(obj) > 20 and all(isinstance(v, dict) and "endpoints" in v for v in obj.values()):
+        return {k: v for k, v in obj.items() if k in SERVICES}
+    if isinstance(obj.get("documentation"), str):
+        del obj["documentation"]
+    return obj
 
 
 class _FileLoader(botocore.loaders.JSONFileLoader):
-    """botocore's JSON file loader, decoding with ``_lean_pairs``."""
+    """botocore's JSON file loader, decoding with ``_lean``."""
 
     def _load_file(self, full_path: str, open_method: Any) -> Any:
         if not os.path.isfile(full_path):
             return None
         with open_method(full_path, "rb") as fp:
             payload = fp.read().decode("utf-8")
-        return json.loads(payload, object_pairs_hook=_lean_pairs)
+        return json.loads(payload, object_hook=_lean)
 
 
 class _Loader(botocore.loaders.Loader):
-    """botocore's data loader, keeping only SERVICES of the endpoint data it loads and only the
-    OPERATIONS of their service models (a client of a pruned model has only those methods)."""
+    """botocore's data loader, knowing only SERVICES, keeping only their part of the endpoint data
+    it loads and only the OPERATIONS of their service models (a client of a pruned model has only
+    those methods)."""
 
     def load_service_model(
         self, service_name: str, type_name: str, api_version: str | None = None
@@ -163,6 +172,20 @@ class _Loader(botocore.loaders.Loader):
         if type_name == "service-2" and keep is not None and isinstance(model, dict):
             _prune_model(model, keep)  # in place: the loader caches this very object
         return model
+
+    @botocore.loaders.instance_cache
+    def list_available_services(self, type_name: str) -> list[str]:
+        """Which of SERVICES have ``type_name`` data: ``load_service_model`` checks the name it
+        loads against this list. botocore's own walks every service's directory (~420; ~1,800
+        stat and listdir calls, ~15 ms of CPU per type; a first client loads two types)."""
+        found = []
+        for service in sorted(SERVICES):
+            try:
+                self.list_api_versions(service, type_name)  # cached for load_service_model
+            except DataNotFoundError:
+                continue
+            found.append(service)
+        return found
 
     def load_data_with_path(self, name: str) -> Any:
         data, path = super().load_data_with_path(name)
