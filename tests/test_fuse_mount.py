@@ -254,7 +254,8 @@ def test_no_open_reads_each_get_one_whole_version(aws_env: dict[str, str], tmp_p
     client = sm(aws_env)
     name = "MyDatabasePassword"
     # Changes of size and, from the third back to the first, of content alone (same size: the
-    # kernel drops its pages because the mtime changed, FUSE_AUTO_INVAL_DATA).
+    # kernel drops its pages because the mtime changed, FUSE_AUTO_INVAL_DATA). A mixed read may
+    # also involve the version before the loop (w2): seen once, A's bytes cut at w2's 2 bytes.
     values = [bytes([c]) * n for c, n in ((65, 60_000), (66, 41_000), (67, 60_000))]
     whole = (b"v2", b"w2", *values)
     client.create_secret(Name=name, SecretString=values[0].decode())
@@ -284,7 +285,7 @@ def test_no_open_reads_each_get_one_whole_version(aws_env: dict[str, str], tmp_p
                     seen.append(f.read(1 << 17))
         mixed = [s for s in seen if s not in whole]
         assert len(mixed) * 1000 <= len(seen), f"{len(mixed)} of {len(seen)} reads were mixed"
-        assert all(torn(s, values) for s in mixed), [shape(s) for s in mixed]
+        assert all(torn(s, [*whole]) for s in mixed), [shape(s) for s in mixed]
         assert len(set(seen)) >= 2, "no change was seen in 6 s with a 1 s TTL"
         # A container's view: a bind made in a private mount namespace, read in a loop
         # (open+read+close, and pread on a descriptor held throughout), the host silent. The
@@ -298,7 +299,7 @@ def test_no_open_reads_each_get_one_whole_version(aws_env: dict[str, str], tmp_p
         assert isinstance(in_ctr, dict) and summary["errors"] == {}, summary["errors"]
         odd = [k.encode() for k in in_ctr if k.encode() not in whole]
         assert sum(in_ctr[k.decode()] for k in odd) * 1000 <= summary["reads"], odd
-        assert all(torn(k, values) for k in odd), [shape(k) for k in odd]
+        assert all(torn(k, [*whole]) for k in odd), [shape(k) for k in odd]
         assert {v.decode() for v in values} <= set(in_ctr)
 
 
