@@ -8,7 +8,6 @@ its target path whose device is the node root's and whose root is ``/<volume_id>
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ UMOUNT_NOFOLLOW = 0x8
 FSTYPE = "fuse.secretfs"
 SOURCE = "secretfs"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc, no ldconfig run
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 

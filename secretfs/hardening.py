@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import resource
@@ -28,7 +27,7 @@ CAP_IPC_LOCK = 14
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc, no ldconfig run
 
 
 def _has_cap(cap: int) -> bool:
