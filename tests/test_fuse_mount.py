@@ -432,14 +432,53 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
     try:
         assert res.returncode == 0, res.stderr
         assert (tmp_path / "mnt" / "MyDatabasePassword").read_bytes() == b"bg"
-        # The background daemon (relative paths given) keeps no directory of the caller busy.
+        # The background daemon (relative paths given) keeps no directory of the caller busy. It
+        # is the command's own process forked: the command line as typed, in a session of its own.
+        pids = [
+            p
+            for p in os.listdir("/proc")
+            if p.isdigit() and "secretfs mount spc.yaml mnt" in _cmdline(p) and mark in _environ(p)
+        ]
+        assert len(pids) == 1
+        assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
+        assert os.getsid(int(pids[0])) == int(pids[0])
+        assert os.readlink(f"/proc/{pids[0]}/fd/0") == os.devnull
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+    assert wait_for(lambda: not is_mounted(tmp_path / "mnt"))
+
+
+def test_background_mount_with_threads_running_starts_a_fresh_interpreter(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A caller that embeds the command line with threads of its own is not forked (a fork would
+    copy their locks, held or not): the daemon is a fresh interpreter, and mounts all the same."""
+    sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="spawned")
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "spc.yaml").write_text(spc(DB))
+    embed = (
+        "import sys, threading; from secretfs.cli import main; "
+        "threading.Thread(target=threading.Event().wait, daemon=True).start(); "
+        "sys.argv = ['secretfs', 'mount', 'spc.yaml', 'mnt', '--log-level', 'WARNING']; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", embed],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "SECRETFS_TEST_MARK": str(tmp_path)},
+    )
+    mark = f"SECRETFS_TEST_MARK={tmp_path}".encode()
+    try:
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "mnt" / "MyDatabasePassword").read_bytes() == b"spawned"
         pids = [
             p
             for p in os.listdir("/proc")
             if p.isdigit() and "--detach" in _cmdline(p) and mark in _environ(p)
         ]
         assert len(pids) == 1
-        assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
     assert wait_for(lambda: not is_mounted(tmp_path / "mnt"))
