@@ -421,12 +421,16 @@ def _background_child(args: argparse.Namespace, ready_fd: int) -> int:
     --detach`` answering on ``ready_fd``. Returns the exit status (the caller ``_exit``s: the
     parent's atexit handlers and buffers are not ours to run)."""
     code = 1
+    args.foreground, args.detach, args.ready_fd = True, True, ready_fd
     try:
         os.setsid()
+        # Only what a fresh interpreter would get (subprocess's close_fds): a descriptor the
+        # caller let us inherit (a pipe someone reads to its end) must not live as long as us.
+        os.closerange(3, ready_fd)
+        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        args.foreground, args.detach, args.ready_fd = True, True, ready_fd
         code = cmd_mount(args)
     except BaseException as exc:  # whatever it was, the caller must hear of it
         import traceback

@@ -419,18 +419,35 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
     sm(aws_env).create_secret(Name="MyDatabasePassword", SecretString="bg")
     (tmp_path / "mnt").mkdir()
     (tmp_path / "spc.yaml").write_text(spc(DB))
-    res = subprocess.run(
-        [sys.executable, "-m", "secretfs", "mount", "spc.yaml", "mnt", "--log-level", "WARNING"],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=60,
-        # A marker only this test's daemon carries: other tests (another xdist worker) may run
-        # the same command line at the same time.
-        env={**os.environ, "PYTHONPATH": str(ROOT), "SECRETFS_TEST_MARK": str(tmp_path)},
-    )
+    # A descriptor the caller lets the command inherit: the daemon must not keep it open.
+    inherited_r, inherited_w = os.pipe()
+    try:
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "secretfs",
+                "mount",
+                "spc.yaml",
+                "mnt",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            pass_fds=(inherited_w,),
+            # A marker only this test's daemon carries: other tests (another xdist worker) may
+            # run the same command line at the same time.
+            env={**os.environ, "PYTHONPATH": str(ROOT), "SECRETFS_TEST_MARK": str(tmp_path)},
+        )
+    finally:
+        os.close(inherited_w)
     mark = f"SECRETFS_TEST_MARK={tmp_path}".encode()
     try:
         assert res.returncode == 0, res.stderr
+        os.set_blocking(inherited_r, False)
+        assert os.read(inherited_r, 1) == b"", "the daemon holds a descriptor of its caller"
         assert (tmp_path / "mnt" / "MyDatabasePassword").read_bytes() == b"bg"
         # The background daemon (relative paths given) keeps no directory of the caller busy. It
         # is the command's own process forked: the command line as typed, in a session of its own.
@@ -444,6 +461,7 @@ def test_background_mount_returns_once_mounted(aws_env: dict[str, str], tmp_path
         assert os.getsid(int(pids[0])) == int(pids[0])
         assert os.readlink(f"/proc/{pids[0]}/fd/0") == os.devnull
     finally:
+        os.close(inherited_r)
         subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
     assert wait_for(lambda: not is_mounted(tmp_path / "mnt"))
 
