@@ -451,7 +451,7 @@ def _background_child(args: argparse.Namespace, ready_fd: int) -> int:
 def _spawn_in_background(args: argparse.Namespace) -> int:
     """``_mount_in_background`` through a fresh interpreter (no state of ours is inherited)."""
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "secretfs", *sys.argv[1:], "--foreground", "--detach"]
+    argv = [sys.executable, "-m", "secretfs", *args.argv, "--foreground", "--detach"]
     argv += ["--ready-fd", str(w)]
     proc = subprocess.Popen(argv, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL)
     os.close(w)
@@ -648,7 +648,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as given: a background mount in a fresh interpreter passes it on
     setup_logging(
         getattr(args, "log_level", "WARNING"),
         getattr(args, "log_format", "text"),

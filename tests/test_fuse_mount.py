@@ -477,8 +477,7 @@ def test_background_mount_with_threads_running_starts_a_fresh_interpreter(
     embed = (
         "import sys, threading; from secretfs.cli import main; "
         "threading.Thread(target=threading.Event().wait, daemon=True).start(); "
-        "sys.argv = ['secretfs', 'mount', 'spc.yaml', 'mnt', '--log-level', 'WARNING']; "
-        "sys.exit(main(sys.argv[1:]))"
+        "sys.exit(main(['mount', 'spc.yaml', 'mnt', '--log-level', 'WARNING']))"
     )
     res = subprocess.run(
         [sys.executable, "-c", embed],
