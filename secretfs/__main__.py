@@ -1,5 +1,3 @@
-import sys
+from secretfs.cli import run
 
-from secretfs.cli import main
-
-sys.exit(main())
+run()

@@ -87,6 +87,8 @@ def test_wheel_metadata_and_contents(wheel: Path) -> None:
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith("tests/") for n in names)  # tests ship in the sdist only
     assert "[secretfs.commands]" in entry_points and "csi = csi.app:command" in entry_points
+    # The command is the program entry (run), not the library call (main): see secretfs/cli.py.
+    assert "secretfs = secretfs.cli:run" in entry_points
     # Every module of the three packages, generated stubs included, is in the wheel.
     for package in ("secretfs", "csi", "providers"):
         for path in (ROOT / package).rglob("*.py"):
