@@ -389,11 +389,11 @@ def _mount_in_background(args: argparse.Namespace) -> int:
     """Run ``mount --foreground`` as a new session and wait until it is mounted or failed; its
     error reaches us through a pipe and becomes our own message and exit status.
 
-    Forked: this process has only the command line loaded (no thread, no trio, no FUSE session,
-    no secret), so the child carries on from here instead of starting an interpreter and importing
-    again (350-400 ms of a 1.1 s mount on the bench's machine, bench/startup.py). Should a thread
-    exist (an embedding caller), a fresh interpreter is started instead: a fork copies no thread
-    but every lock a thread may hold."""
+    Forked: this process has only the command line and pyfuse3 loaded (no thread, no trio run, no
+    FUSE session, no secret), so the child carries on from here instead of starting an interpreter
+    and importing again (240-330 ms of a 1.0-1.15 s mount measured here, bench/startup.py). Should
+    a thread exist (an embedding caller), a fresh interpreter is started instead: a fork copies no
+    thread but every lock a thread may hold."""
     import threading
 
     if threading.active_count() != 1:
@@ -404,7 +404,7 @@ def _mount_in_background(args: argparse.Namespace) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; tests see it as the daemon it becomes
         os.close(r)
-        os._exit(_background_child(args, w))
+        _exit_now(_background_child(args, w))  # the parent's atexit handlers are not ours
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         answer = pipe.read().decode(errors="replace").strip()
@@ -434,8 +434,7 @@ def _exit_now(code: int) -> NoReturn:
 
 def _background_child(args: argparse.Namespace, ready_fd: int) -> int:
     """The forked daemon: its own session, stdin from /dev/null, then ``mount --foreground
-    --detach`` answering on ``ready_fd``. Returns the exit status (the caller ``_exit``s: the
-    parent's atexit handlers and buffers are not ours to run)."""
+    --detach`` answering on ``ready_fd``. Returns the exit status."""
     code = 1
     args.foreground, args.detach, args.ready_fd = True, True, ready_fd
     try:
@@ -455,12 +454,6 @@ def _background_child(args: argparse.Namespace, ready_fd: int) -> int:
         if args.ready_fd == ready_fd:  # not answered yet (a crash before the mount was up)
             with contextlib.suppress(OSError):  # the caller is gone: nobody to tell
                 os.write(ready_fd, f"error: {type(exc).__name__}: {exc}\n".encode())
-    finally:
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
     return code
 
 
