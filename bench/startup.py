@@ -89,20 +89,18 @@ def background_to_first_read(spc: Path, mnt: Path, env: dict[str, str]) -> float
     """``secretfs mount SPC MNT`` as a user types it: the command returns once the background
     daemon has mounted; then the first read."""
     argv = [sys.executable, "-m", "secretfs", "mount", str(spc), str(mnt), "--log-level", "WARNING"]
-    mark = f"SECRETFS_BENCH_RUN={time.monotonic_ns()}"
+    run_id = str(time.monotonic_ns())  # marks this run's daemon in /proc/PID/environ
+    mark = f"SECRETFS_BENCH_RUN={run_id}".encode()
     t0 = time.perf_counter()
-    subprocess.run(
-        argv, check=True, stdin=subprocess.DEVNULL, env={**env, **dict([mark.split("=")])}, cwd=ROOT
-    )
+    env = {**env, "SECRETFS_BENCH_RUN": run_id}
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
     try:
         return first_read(mnt, t0, "secretfs")
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
         # The daemon notices the unmount and exits; the next case must not share the CPU with it.
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(
-            mark.encode() in environ for environ in _environs()
-        ):
+        while time.monotonic() < deadline and any(mark in environ for environ in _environs()):
             time.sleep(0.02)
 
 
